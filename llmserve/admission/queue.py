@@ -1,0 +1,397 @@
+"""The admission queue: at most `max_concurrency` requests hold a slot, at most `max_depth` wait.
+
+A request takes a `Ticket` with `enqueue()`, awaits `ticket.wait()`, runs, and calls
+`ticket.release()` (or uses `async with queue.slot(...)`). Waiters are ordered by
+`fairness.FairQueue`. Expiry of waiters (max wait or the client's deadline) is driven by one
+timer for the earliest expiry, or by calling `expire()` with an injected clock in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from llmserve.admission.drain import DEFAULT_WINDOW_SECONDS, DrainRate, retry_after_seconds
+from llmserve.admission.errors import (
+    deadline_exceeded,
+    queue_timeout,
+    server_overloaded,
+    shutting_down,
+)
+from llmserve.admission.fairness import FairQueue, Weight, default_weight
+from llmserve.admission.observer import AdmissionObserver, NullObserver, RejectReason
+from llmserve.errors import APIError, InternalError
+
+if TYPE_CHECKING:
+    from llmserve.config import Config
+
+Clock = Callable[[], float]
+
+
+class TicketState(enum.Enum):
+    WAITING = "waiting"
+    ADMITTED = "admitted"
+    RELEASED = "released"  # held a slot and gave it back
+    REJECTED = "rejected"  # left the queue without a slot (timeout, deadline, cancel, close)
+
+
+class Ticket:
+    """One request's place: waiting, then holding a slot, then released. Awaited by one task."""
+
+    __slots__ = (
+        "_error",
+        "_future",
+        "_queue",
+        "_state",
+        "admitted_at",
+        "deadline",
+        "enqueued_at",
+        "priority",
+        "tokens",
+    )
+
+    def __init__(
+        self, queue: AdmissionQueue, priority: int, tokens: int, deadline: float | None, now: float
+    ) -> None:
+        self._queue = queue
+        self._state = TicketState.WAITING
+        self._future: asyncio.Future[None] | None = None
+        self._error: APIError | None = None
+        self.priority = priority
+        self.tokens = tokens
+        self.deadline = deadline  # on the queue's clock; the caller also enforces it while running
+        self.enqueued_at = now
+        self.admitted_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self._state.value} priority={self.priority} tokens={self.tokens}>"
+
+    @property
+    def state(self) -> TicketState:
+        return self._state
+
+    @property
+    def admitted(self) -> bool:
+        return self._state is TicketState.ADMITTED
+
+    @property
+    def position(self) -> int:
+        """1-based place in the service order while waiting (an estimate); 0 otherwise."""
+        if self._state is not TicketState.WAITING:
+            return 0
+        return self._queue._fair.position(self.priority, self)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Expected wait from the drain rate: 0 when not waiting, None while the rate is unknown."""
+        position = self.position
+        if not position:
+            return 0.0
+        return self._queue._drain.seconds_for(position, self._queue._clock())
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Return True once admitted; False if `timeout` (seconds) passed while still waiting.
+
+        Raises the rejection (queue_timeout, deadline_exceeded, shutting_down) if the ticket
+        left the queue. Cancelling the awaiting task takes the ticket out of the queue at once.
+        When already admitted it returns without yielding to the event loop.
+        """
+        if self._state is TicketState.WAITING:
+            future = self._future
+            assert future is not None
+            try:
+                if timeout is None:
+                    await future  # cancelling the task cancels it: _admit_waiters skips it
+                elif not (await asyncio.wait((future,), timeout=timeout))[0]:
+                    return False
+            except asyncio.CancelledError:
+                self._queue._abandon(self)
+                raise
+        if self._error is not None:
+            raise self._error
+        return self._state is TicketState.ADMITTED
+
+    def release(self) -> None:
+        """Give the slot back (or leave the queue). Idempotent; safe in any state."""
+        self._queue._release(self)
+
+
+class Slot:
+    """`async with queue.slot(...) as ticket:` holds a slot for the body of the block."""
+
+    __slots__ = ("_args", "_queue", "_ticket")
+
+    def __init__(
+        self, queue: AdmissionQueue, priority: int, tokens: int, deadline: float | None
+    ) -> None:
+        self._queue = queue
+        self._args = (priority, tokens, deadline)
+        self._ticket: Ticket | None = None
+
+    async def __aenter__(self) -> Ticket:
+        ticket = self._ticket = self._queue.enqueue(*self._args)
+        try:
+            await ticket.wait()
+        except BaseException:
+            ticket.release()
+            raise
+        return ticket
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ticket is not None:
+            self._ticket.release()
+
+
+class AdmissionQueue:
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_depth: int,
+        max_wait_seconds: float,
+        max_queued_tokens: int | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        observer: AdmissionObserver | None = None,
+        weight: Weight = default_weight,
+        drain_window_seconds: float = DEFAULT_WINDOW_SECONDS,
+        auto_expire: bool = True,
+    ) -> None:
+        """`auto_expire=False` leaves expiry to explicit `expire()` calls (fake-clock tests)."""
+        if max_concurrency < 1 or max_depth < 0 or max_wait_seconds <= 0:
+            raise ValueError("need max_concurrency >= 1, max_depth >= 0, max_wait_seconds > 0")
+        self.max_concurrency = max_concurrency
+        self.max_depth = max_depth
+        self.max_wait_seconds = max_wait_seconds
+        self.max_queued_tokens = max_queued_tokens
+        self._clock = clock
+        self._observer: AdmissionObserver = observer or NullObserver()
+        self._fair: FairQueue[Ticket] = FairQueue(weight)
+        self._drain = DrainRate(clock(), drain_window_seconds)
+        self._auto_expire = auto_expire
+        self._in_flight = 0
+        self._queued_tokens = 0
+        self._closed = False
+        self._expiries: list[tuple[float, int, Ticket]] = []  # heap; stale entries skipped
+        self._sequence = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+
+    @classmethod
+    def from_config(cls, config: Config, **options: object) -> AdmissionQueue:
+        """The queue the config describes; `options` are the keyword-only arguments above."""
+        queue = config.queue
+        return cls(
+            config.max_concurrency,
+            queue.max_depth,
+            queue.max_wait_seconds,
+            queue.max_queued_tokens,
+            **options,  # type: ignore[arg-type]
+        )
+
+    # -- state for metrics, heartbeats and tests ------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._fair)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def clock(self) -> float:
+        """The queue's clock: deadlines passed to `enqueue` are on this clock."""
+        return self._clock()
+
+    def drain_rate(self) -> float | None:
+        """Slot releases per second over the recent window; None before any."""
+        return self._drain.per_second(self._clock())
+
+    def retry_after(self, completions_needed: int) -> int:
+        """Retry-After (whole seconds, 1..max_wait) for `completions_needed` releases."""
+        estimate = self._drain.seconds_for(completions_needed, self._clock())
+        return retry_after_seconds(estimate, self.max_wait_seconds)
+
+    # -- the request path --------------------------------------------------------------------
+
+    def enqueue(self, priority: int = 0, tokens: int = 0, deadline: float | None = None) -> Ticket:
+        """Take a ticket: admitted at once when a slot is free and nobody waits, else queued.
+
+        Raises ServiceUnavailable (server_overloaded with Retry-After, or shutting_down) when
+        it cannot even wait, DeadlineExceeded when `deadline` (queue clock) has already passed.
+        """
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        now = self._clock()
+        self._check_door(priority, deadline, now)
+        ticket = Ticket(self, priority, tokens, deadline, now)
+        if self._in_flight < self.max_concurrency and not self._fair:
+            self._admit(ticket, now)  # the fast path: no future, no timer, no yield
+            return ticket
+        reason = self._refusal(tokens)
+        if reason is not None:
+            self._observer.rejected(priority, reason, 0.0)
+            raise server_overloaded(self.retry_after(self.depth + 1))
+        self._wait_in_line(ticket, now)
+        return ticket
+
+    def slot(self, priority: int = 0, tokens: int = 0, deadline: float | None = None) -> Slot:
+        return Slot(self, priority, tokens, deadline)
+
+    def expire(self, now: float | None = None) -> int:
+        """Reject every waiter whose max wait or deadline has come; return how many."""
+        now = self._clock() if now is None else now
+        expired = 0
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, ticket = heapq.heappop(heap)
+            if ticket._state is TicketState.WAITING:
+                self._time_out(ticket, now)
+                expired += 1
+        self._arm_timer()
+        return expired
+
+    def close(self) -> None:
+        """Refuse new tickets and reject every waiter with shutting_down; holders keep slots."""
+        self._closed = True
+        for ticket in list(self._fair):
+            self._reject(ticket, shutting_down(), "shutting_down", self._clock())
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_door(self, priority: int, deadline: float | None, now: float) -> None:
+        if self._closed:
+            self._observer.rejected(priority, "shutting_down", 0.0)
+            raise shutting_down()
+        if deadline is not None and deadline <= now:
+            self._observer.rejected(priority, "deadline", 0.0)
+            raise deadline_exceeded()
+
+    def _refusal(self, tokens: int) -> RejectReason | None:
+        depth = len(self._fair)
+        if depth >= self.max_depth:
+            return "queue_full"
+        budget = self.max_queued_tokens
+        # An empty queue takes any one request, or one bigger than the budget could never wait.
+        if budget is not None and depth and self._queued_tokens + tokens > budget:
+            return "queue_tokens"
+        return None
+
+    def _wait_in_line(self, ticket: Ticket, now: float) -> None:
+        ticket._future = asyncio.get_running_loop().create_future()
+        self._fair.push(ticket.priority, ticket, ticket)
+        self._queued_tokens += ticket.tokens
+        due = now + self.max_wait_seconds
+        if ticket.deadline is not None:
+            due = min(due, ticket.deadline)
+        heapq.heappush(self._expiries, (due, next(self._sequence), ticket))
+        self._arm_timer()
+
+    def _admit(self, ticket: Ticket, now: float) -> None:
+        ticket._state = TicketState.ADMITTED
+        ticket.admitted_at = now
+        self._in_flight += 1
+        self._observer.admitted(ticket.priority, now - ticket.enqueued_at)
+
+    def _admit_waiters(self, now: float) -> None:
+        while self._in_flight < self.max_concurrency and self._fair:
+            ticket = self._fair.pop()
+            self._queued_tokens -= ticket.tokens
+            future = ticket._future
+            assert future is not None
+            if future.cancelled():  # its task is being cancelled: it leaves instead
+                ticket._state = TicketState.REJECTED
+                self._observer.rejected(ticket.priority, "cancelled", now - ticket.enqueued_at)
+                continue
+            self._admit(ticket, now)
+            future.set_result(None)
+        self._forget_expiries_when_idle()
+
+    def _release(self, ticket: Ticket) -> None:
+        state = ticket._state
+        if state is TicketState.WAITING:
+            self._reject(ticket, _left_queue(), "cancelled", self._clock())
+        elif state is TicketState.ADMITTED:
+            now = self._clock()
+            ticket._state = TicketState.RELEASED
+            self._in_flight -= 1
+            self._drain.record(now)
+            self._admit_waiters(now)
+            self._observer.released(ticket.priority, now - (ticket.admitted_at or now))
+
+    def _abandon(self, ticket: Ticket) -> None:
+        """The awaiting task was cancelled: leave the queue, or pass on a slot just granted."""
+        self._release(ticket)
+
+    def _time_out(self, ticket: Ticket, now: float) -> None:
+        if ticket.deadline is not None and ticket.deadline <= now:
+            self._reject(ticket, deadline_exceeded(), "deadline", now)
+            return
+        retry_after = self.retry_after(ticket.position)
+        error = queue_timeout(now - ticket.enqueued_at, retry_after)
+        self._reject(ticket, error, "queue_timeout", now)
+
+    def _reject(
+        self, ticket: Ticket, error: APIError | None, reason: RejectReason, now: float
+    ) -> None:
+        self._fair.remove(ticket.priority, ticket)
+        self._queued_tokens -= ticket.tokens
+        ticket._state = TicketState.REJECTED
+        ticket._error = error
+        future = ticket._future
+        if future is not None and not future.done():
+            future.set_result(None)  # wakes wait(), which raises ticket._error
+        self._forget_expiries_when_idle()
+        self._observer.rejected(ticket.priority, reason, now - ticket.enqueued_at)
+
+    def _forget_expiries_when_idle(self) -> None:
+        if not self._fair and self._expiries:
+            self._expiries.clear()
+            self._cancel_timer()
+
+    def _arm_timer(self) -> None:
+        heap = self._expiries
+        while heap and heap[0][2]._state is not TicketState.WAITING:
+            heapq.heappop(heap)
+        if not heap or not self._auto_expire:
+            self._cancel_timer()
+            return
+        due = heap[0][0]
+        if self._timer is not None and self._timer_due == due:
+            return
+        self._cancel_timer()
+        delay = max(0.0, due - self._clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer_due = due
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.expire()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _left_queue() -> InternalError:
+    # Seen only by a task still waiting on a ticket that another task released.
+    return InternalError("The request left the admission queue before it was admitted.")

@@ -1,0 +1,342 @@
+"""The path of one generation request after validation: limits, admission, engine, response,
+settlement. Handlers build a `Job`; `Gateway.run` does the rest, for chat and completions alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from llmserve.api import objects
+from llmserve.api.sse import SSEStream
+from llmserve.auth.principal import Principal
+from llmserve.config import Config, TierConfig
+from llmserve.engine.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Prompt,
+    PromptTooLong,
+    SamplingOptions,
+)
+from llmserve.errors import (
+    APIError,
+    ContextLengthExceeded,
+    EngineFailed,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+    retry_after_header,
+)
+from llmserve.records import RequestRecord
+
+log = logging.getLogger("llmserve.gateway")
+
+ENGINE_RETRY_SECONDS = 10  # Retry-After when the engine is down: a supervisor restart takes ~10s
+
+
+@dataclass(slots=True)
+class Job:
+    """One generation request, validated and rendered, on its way to the engine."""
+
+    chat: bool
+    response_id: str
+    model: str
+    prompt: Prompt
+    options: SamplingOptions
+    principal: Principal
+    tier: str
+    stream: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    deadline: float | None = None  # loop time after which the request is abandoned
+    # filled while it runs
+    engine_started: bool = False
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    text: list[str] = field(default_factory=list)
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        limiter: Any = None,
+        admission: Any = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.limiter = limiter
+        self.admission = admission
+        self.ready = False  # the engine has started
+        self.force_stopping = False  # set when shutdown's grace time is over
+
+    # -- checks before anything is spent ----------------------------------------------------
+
+    def check_model(self, model: str, principal: Principal) -> None:
+        if model != self.engine.model_name:
+            raise NotFound(
+                f"The model '{model}' does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        if not principal.may_use(model):
+            raise PermissionDenied(
+                f"This API key is not allowed to use the model '{model}'.",
+                code="model_not_allowed",
+                param="model",
+            )
+
+    def check_engine(self) -> None:
+        if not self.ready:
+            raise ServiceUnavailable(
+                "The model is still loading; retry shortly.",
+                code="engine_unavailable",
+                headers=retry_after_header(5),
+            )
+        if self.engine.dead is not None:
+            raise ServiceUnavailable(
+                "The model engine is unavailable; the server is restarting. Retry shortly.",
+                code="engine_unavailable",
+                headers=retry_after_header(ENGINE_RETRY_SECONDS),
+            )
+
+    def tier_of(self, principal: Principal) -> tuple[str, TierConfig]:
+        limits = self.config.limits
+        name = principal.tier if principal.tier in limits.tiers else limits.default_tier
+        return name, limits.tiers[name]
+
+    def sampling_options(
+        self, params: Any, prompt: Prompt, tier: TierConfig, requested_max: int | None
+    ) -> SamplingOptions:
+        max_tokens = self._max_tokens(prompt, tier, requested_max)
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=params.stop_sequences,
+            seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            priority=tier.priority,
+        )
+
+    def _max_tokens(self, prompt: Prompt, tier: TierConfig, requested: int | None) -> int:
+        context = self.engine.max_model_len
+        room = context - prompt.num_tokens
+        default = tier.default_max_tokens or self.config.engine.default_max_tokens
+        max_tokens = requested or (min(default, room) if default else room)
+        if max_tokens < 1 or prompt.num_tokens + max_tokens > context:
+            raise context_length_error(prompt.num_tokens, requested or 1, context)
+        return max_tokens
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, request: web.Request, job: Job) -> web.StreamResponse:
+        record: RequestRecord = request["record"]
+        record.prompt_tokens = job.prompt.num_tokens
+        reservation = await self._reserve(job)
+        headers = dict(getattr(reservation, "headers", None) or {})
+        try:
+            if job.stream:
+                return await self._run_stream(request, job, headers)
+            return await self._run_json(request, job, headers)
+        except APIError as exc:
+            exc.headers = {**headers, **exc.headers}
+            raise
+        finally:
+            record.completion_tokens = job.completion_tokens
+            record.finish_reason = job.finish_reason
+            await _shielded(self._settle(reservation, job))
+
+    async def _reserve(self, job: Job) -> Any:
+        if self.limiter is None:
+            return None
+        p = job.principal
+        return await self.limiter.reserve(
+            p.id, job.tier, p.limit_overrides, job.prompt.num_tokens, job.options.max_tokens
+        )
+
+    async def _settle(self, reservation: Any, job: Job) -> None:
+        if reservation is None:
+            return
+        prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
+        await self.limiter.settle(reservation, prompt_tokens, job.completion_tokens)
+
+    async def _run_json(
+        self, request: web.Request, job: Job, headers: dict[str, str]
+    ) -> web.Response:
+        async with self._slot(request, job, None):
+            async for delta in self._deltas(request, job):
+                if delta.text:
+                    job.text.append(delta.text)
+        build = objects.chat_completion if job.chat else objects.text_completion
+        body = build(
+            response_id=job.response_id, created=job.created, model=job.model,
+            text="".join(job.text), finish_reason=job.finish_reason,
+            prompt_tokens=job.prompt.num_tokens, completion_tokens=job.completion_tokens,
+        )  # fmt: skip
+        return web.json_response(body, headers=headers)
+
+    async def _run_stream(
+        self, request: web.Request, job: Job, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        sse = SSEStream(request, self.config.server.heartbeat_seconds, headers)
+        sse.start_heartbeats()
+        try:
+            async with self._slot(request, job, sse):
+                await self._stream_deltas(request, job, sse)
+        except (APIError, asyncio.CancelledError) as exc:
+            await sse.stop_heartbeats()
+            error = self._stream_error(exc)
+            if not sse.started and not isinstance(exc, asyncio.CancelledError):
+                raise error from None
+            await self._write_error(request, sse, error)
+        except ConnectionError:
+            request["record"].disconnected = True
+        finally:
+            await sse.close()
+        return sse.response
+
+    def _stream_error(self, exc: BaseException) -> APIError:
+        if isinstance(exc, asyncio.CancelledError):
+            if not self.force_stopping:
+                raise exc  # the client went away: nothing to tell anyone
+            return ServiceUnavailable(
+                "The server is shutting down; the response was cut short.", code="shutting_down"
+            )
+        assert isinstance(exc, APIError)
+        return exc
+
+    async def _write_error(self, request: web.Request, sse: SSEStream, error: APIError) -> None:
+        request["record"].error_code = error.code
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await sse.write(objects.sse_event(error.body()))
+
+    async def _stream_deltas(self, request: web.Request, job: Job, sse: SSEStream) -> None:
+        encoder = objects.ChunkEncoder(
+            chat=job.chat, response_id=job.response_id, created=job.created, model=job.model,
+            include_usage=job.include_usage,
+        )  # fmt: skip
+        pending = encoder.role() if job.chat else b""
+        async for delta in self._deltas(request, job):
+            if delta.text:
+                await sse.write(pending + encoder.text(delta.text))
+                pending = b""
+        tail = encoder.finish(job.finish_reason or "stop")
+        if job.include_usage:
+            tail += encoder.usage(job.prompt.num_tokens, job.completion_tokens)
+        await sse.write(pending + tail + objects.DONE)
+
+    async def _deltas(self, request: web.Request, job: Job) -> AsyncIterator[Delta]:
+        """Engine deltas, with the timing and token accounting every response needs."""
+        record: RequestRecord = request["record"]
+        loop = asyncio.get_running_loop()
+        t0: float = request["t0"]
+        gen = self.engine.generate(job.prompt, job.options, job.response_id)
+        job.engine_started = True
+        last: float | None = None
+        try:
+            while True:
+                before = loop.time()
+                try:
+                    delta = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+                except PromptTooLong as exc:
+                    raise context_length_error(exc.num_tokens, job.options.max_tokens,
+                                               exc.max_model_len) from None  # fmt: skip
+                except EngineError as exc:
+                    raise _engine_api_error(exc) from None
+                now = loop.time()
+                record.engine_seconds += now - before
+                job.completion_tokens += delta.num_tokens
+                if delta.finish_reason is not None:
+                    job.finish_reason = delta.finish_reason
+                if delta.num_tokens:
+                    if last is None:
+                        record.ttft_seconds = now - t0
+                    else:
+                        record.inter_token_seconds.append(now - last)
+                    last = now
+                yield delta
+        finally:
+            await gen.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _slot(
+        self, request: web.Request, job: Job, sse: SSEStream | None
+    ) -> AsyncIterator[None]:
+        if self.admission is None:
+            yield
+            return
+        ticket = self.admission.enqueue(job.options.priority, self._queue_cost(job), job.deadline)
+        try:
+            await self._wait_for_slot(request, ticket, sse)
+            yield
+        finally:
+            ticket.release()
+
+    async def _wait_for_slot(
+        self, request: web.Request, ticket: Any, sse: SSEStream | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if sse is not None:
+            sse.comment = lambda: (
+                f"queued position={ticket.position} eta_ms={int(ticket.eta_seconds * 1000)}"
+            )
+        try:
+            await ticket.wait()
+        finally:
+            waited = loop.time() - start
+            request["record"].queue_wait_seconds = waited
+            if sse is not None:
+                sse.comment = lambda: "keep-alive"
+                sse.set_header("X-Queue-Wait-Ms", str(int(waited * 1000)))
+
+    @staticmethod
+    def _queue_cost(job: Job) -> int:
+        return job.prompt.num_tokens + job.options.max_tokens
+
+
+def context_length_error(prompt_tokens: int, max_tokens: int, context: int) -> APIError:
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
+        "completion). Please reduce the length of the prompt or of max_tokens.",
+        param="messages",
+    )
+
+
+def _engine_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, EngineUnavailable):
+        return ServiceUnavailable(
+            "The model engine is unavailable; retry shortly.",
+            code="engine_unavailable",
+            headers=retry_after_header(ENGINE_RETRY_SECONDS),
+        )
+    log.error("generation failed: %s", exc, exc_info=exc)
+    return EngineFailed("The model failed while generating this response; please retry.")
+
+
+async def _shielded(coro: Any) -> None:
+    """Run settlement to the end even if the request's task is cancelled meanwhile."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+    except Exception:
+        log.exception("settling a request failed")

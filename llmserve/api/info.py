@@ -1,0 +1,63 @@
+"""GET /v1/models, /v1/models/{id}, /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from llmserve.api import objects
+from llmserve.engine.base import EngineUnavailable
+from llmserve.errors import NotFound, ServiceUnavailable, retry_after_header
+from llmserve.server.keys import GATEWAY, LIFECYCLE, METRICS
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    principal = request["principal"]
+    visible = [m for m in [gateway.engine.model_name] if principal.may_use(m)]
+    return web.json_response(objects.model_list(visible, _created(request)))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    model = request.match_info["model"]
+    if model != gateway.engine.model_name or not request["principal"].may_use(model):
+        raise NotFound(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            code="model_not_found", param="model",
+        )  # fmt: skip
+    return web.json_response(objects.model_object(model, _created(request)))
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Public, cheap, never touches the engine."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the engine is loaded and healthy, and the server is not draining."""
+    gateway = request.app[GATEWAY]
+    if request.app[LIFECYCLE].draining:
+        raise ServiceUnavailable("The server is shutting down.", code="shutting_down",
+                                 headers=retry_after_header(1))  # fmt: skip
+    try:
+        await gateway.engine.check_health()
+    except EngineUnavailable as exc:
+        raise ServiceUnavailable(
+            f"The model engine is not ready: {exc}.", code="engine_unavailable",
+            headers=retry_after_header(5),
+        ) from None  # fmt: skip
+    return web.json_response({"status": "ready", "model": gateway.engine.model_name})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app.get(METRICS)
+    if registry is None:
+        raise NotFound("Metrics are not enabled on this server.", code="not_found")
+    body, content_type = registry.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _created(request: web.Request) -> int:
+    return int(request.app[LIFECYCLE].started_at or time.time())

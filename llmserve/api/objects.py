@@ -1,0 +1,127 @@
+"""OpenAI response objects: whole responses, and SSE chunks encoded with one json.dumps each.
+
+A stream's chunks differ only in their text, so each `ChunkEncoder` pre-encodes the bytes around
+the text once; the hot path encodes just the delta string.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+
+# ASCII-only output: any text (even lone surrogates from a broken detokenizer) encodes safely.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _dumps(payload).encode() + b"\n\n"
+
+
+def sse_comment(text: str) -> bytes:
+    return b": " + text.replace("\n", " ").encode() + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ChunkEncoder:
+    """Builds the SSE events of one streamed chat completion or text completion."""
+
+    def __init__(self, *, chat: bool, response_id: str, created: int, model: str,
+                 include_usage: bool) -> None:  # fmt: skip
+        self.chat = chat
+        self._head = {
+            "id": response_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+        }
+        self.include_usage = include_usage
+        prefix = _dumps({**self._head, "choices": []})[:-3]  # drop `[]}`
+        tail = ',"usage":null}' if include_usage else "}"
+        if chat:
+            self._text_prefix = (f'data: {prefix}[{{"index":0,"delta":{{"content":').encode()
+            self._text_suffix = f'}},"logprobs":null,"finish_reason":null}}]{tail}\n\n'.encode()
+        else:
+            self._text_prefix = (f'data: {prefix}[{{"index":0,"text":').encode()
+            self._text_suffix = f',"logprobs":null,"finish_reason":null}}]{tail}\n\n'.encode()
+
+    def role(self) -> bytes:
+        """The first chat chunk, announcing the assistant role (OpenAI sends it first)."""
+        return self._event({"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None})  # fmt: skip
+
+    def text(self, text: str) -> bytes:
+        return self._text_prefix + _dumps(text).encode() + self._text_suffix
+
+    def finish(self, reason: str) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
+        return self._event(choice)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return sse_event({**self._head, "choices": [],
+                          "usage": usage(prompt_tokens, completion_tokens)})  # fmt: skip
+
+    def _event(self, choice: dict[str, Any]) -> bytes:
+        payload: dict[str, Any] = {**self._head, "choices": [choice]}
+        if self.include_usage:
+            payload["usage"] = None
+        return sse_event(payload)
+
+
+def chat_completion(*, response_id: str, created: int, model: str, text: str,
+                    finish_reason: str | None, prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:  # fmt: skip
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def text_completion(*, response_id: str, created: int, model: str, text: str,
+                    finish_reason: str | None, prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:  # fmt: skip
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def model_list(model_ids: list[str], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(m, created) for m in model_ids]}
+
+
+def model_object(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmserve"}

@@ -1,0 +1,217 @@
+"""JWT verification (for end-user apps) and minting (for `llmserve keys jwt`), with pyjwt.
+
+Algorithm confusion is closed in two places: the config accepts one family only (HMAC or
+public-key, never both, see `JwtConfig`), and the key handed to pyjwt is a typed key object
+for public-key families, which pyjwt refuses to use as an HMAC secret. `alg: none` is never in
+the accepted list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+
+from llmserve.auth.principal import Principal
+from llmserve.config import JwtConfig
+from llmserve.errors import AuthenticationFailed, ConfigError
+
+JWT_ID_PREFIX = "jwt:"  # principal ids of JWT callers, apart from API key ids
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    principal: Principal
+    expires: float  # the `exp` claim, epoch seconds
+
+
+def _is_hmac(algorithms: Iterable[str]) -> bool:
+    return any(alg.startswith("HS") for alg in algorithms)
+
+
+def _read_file(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"auth.jwt.{setting}: cannot read {path}: {exc.strerror}") from None
+
+
+def _load_public_key(path: Path) -> Any:
+    try:
+        return serialization.load_pem_public_key(_read_file(path, "public_key_file"))
+    except ValueError:
+        raise ConfigError(f"auth.jwt.public_key_file: {path} is not a PEM public key") from None
+
+
+def _load_jwks(path: Path) -> dict[str | None, Any]:
+    try:
+        key_set = jwt.PyJWKSet.from_json(_read_file(path, "jwks_file").decode())
+    except (ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
+        raise ConfigError(f"auth.jwt.jwks_file: {path} is not a usable JWKS: {exc}") from None
+    return {k.key_id: k.key for k in key_set.keys}
+
+
+class JwtVerifier:
+    """Turns a bearer JWT into a Principal, or raises AuthenticationFailed."""
+
+    def __init__(self, config: JwtConfig, known_tiers: Iterable[str] | None = None) -> None:
+        self._config = config
+        self._algorithms = list(config.algorithms)
+        self._known_tiers = frozenset(known_tiers) if known_tiers is not None else None
+        self._key: Any = None
+        self._jwks: dict[str | None, Any] = {}
+        if _is_hmac(self._algorithms):
+            if config.secret is None:
+                raise ConfigError("auth.jwt.secret: required for HS* algorithms")
+            self._key = config.secret.get_secret_value()
+        elif config.jwks_file is not None:
+            self._jwks = _load_jwks(config.jwks_file)
+        elif config.public_key_file is not None:
+            self._key = _load_public_key(config.public_key_file)
+        else:
+            raise ConfigError("auth.jwt: public_key_file or jwks_file is required for RS/ES/PS")
+        required = ["exp"]
+        required += ["iss"] if config.issuer else []
+        required += ["aud"] if config.audience else []
+        self._options: Any = {"require": required, "verify_aud": config.audience is not None}
+
+    def verify(self, token: str) -> VerifiedToken:
+        try:
+            claims = jwt.decode(
+                token,
+                self._key_for(token),
+                algorithms=self._algorithms,
+                options=self._options,
+                audience=self._config.audience,
+                issuer=self._config.issuer,
+                leeway=self._config.leeway_seconds,
+            )
+        except jwt.PyJWTError as exc:
+            raise _failure(exc) from None
+        return VerifiedToken(self._principal(claims), float(claims["exp"]))
+
+    def _key_for(self, token: str) -> Any:
+        if not self._jwks:
+            return self._key
+        kid = jwt.get_unverified_header(token).get("kid")
+        if kid not in self._jwks and len(self._jwks) == 1 and kid is None:
+            return next(iter(self._jwks.values()))
+        if kid not in self._jwks:
+            raise jwt.InvalidKeyError("unknown kid")
+        return self._jwks[kid]
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        cfg = self._config
+        subject = claims.get(cfg.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise _invalid(f"The token has no {cfg.subject_claim!r} claim naming the caller.")
+        tier = claims.get(cfg.tier_claim)
+        if tier is not None and not isinstance(tier, str):
+            raise _invalid(f"The {cfg.tier_claim!r} claim must be a string.")
+        if tier is not None and self._known_tiers is not None and tier not in self._known_tiers:
+            raise _invalid(f"The {cfg.tier_claim!r} claim names a tier this server lacks.")
+        return Principal(
+            id=JWT_ID_PREFIX + subject,
+            tier=tier,
+            models=_models(claims.get(cfg.models_claim), cfg.models_claim),
+            kind="jwt",
+            admin=bool(cfg.admin_claim and claims.get(cfg.admin_claim) is True),
+        )
+
+
+def _models(value: Any, claim: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # OAuth-scope style: "a b" or "a,b"
+        return frozenset(value.replace(",", " ").split())
+    if isinstance(value, list) and all(isinstance(m, str) for m in value):
+        return frozenset(value)
+    raise _invalid(f"The {claim!r} claim must be a list of model names.")
+
+
+def _invalid(message: str) -> AuthenticationFailed:
+    return AuthenticationFailed(message, code="invalid_token", headers=_CHALLENGE)
+
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+# pyjwt's own messages can quote claim values; ours name the problem and nothing else.
+_MESSAGES: list[tuple[type[jwt.PyJWTError], str, str]] = [
+    (jwt.ExpiredSignatureError, "token_expired", "The token has expired."),
+    (jwt.ImmatureSignatureError, "token_not_yet_valid", "The token is not valid yet (nbf/iat)."),
+    (jwt.InvalidSignatureError, "invalid_token", "The token signature does not verify."),
+    (jwt.InvalidAlgorithmError, "invalid_token", "The token's algorithm is not accepted."),
+    (jwt.InvalidIssuerError, "invalid_token", "The token's issuer is not accepted."),
+    (jwt.InvalidAudienceError, "invalid_token", "The token's audience is not accepted."),
+    (jwt.InvalidKeyError, "invalid_token", "The token's signing key is not known."),
+]
+
+
+def _failure(exc: jwt.PyJWTError) -> AuthenticationFailed:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        message = f"The token lacks the required {exc.claim!r} claim."
+        return AuthenticationFailed(message, code="invalid_token", headers=_CHALLENGE)
+    for kind, code, message in _MESSAGES:
+        if isinstance(exc, kind):
+            return AuthenticationFailed(message, code=code, headers=_CHALLENGE)
+    return _invalid("The token is malformed.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Minting (test tokens for operators; production tokens come from the app's identity provider)
+
+
+def mint_token(
+    config: JwtConfig,
+    subject: str,
+    *,
+    tier: str | None = None,
+    models: Iterable[str] | None = None,
+    ttl_seconds: float = 3600.0,
+    now: float | None = None,
+) -> str:
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        config.subject_claim: subject,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(ttl_seconds),
+    }
+    if tier is not None:
+        claims[config.tier_claim] = tier
+    if models is not None:
+        claims[config.models_claim] = list(models)
+    if config.issuer:
+        claims["iss"] = config.issuer
+    if config.audience:
+        claims["aud"] = config.audience
+    algorithm = config.algorithms[0]
+    return jwt.encode(claims, _signing_key(config), algorithm=algorithm)
+
+
+def _signing_key(config: JwtConfig) -> Any:
+    if _is_hmac(config.algorithms):
+        if config.secret is None:
+            raise ConfigError("auth.jwt.secret: required to mint HS* tokens")
+        return config.secret.get_secret_value()
+    if config.private_key_file is None:
+        raise ConfigError("auth.jwt.private_key_file: required to mint RS/ES/PS tokens")
+    try:
+        pem = _read_file(config.private_key_file, "private_key_file")
+        return serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"auth.jwt.private_key_file: {config.private_key_file} is not an unencrypted PEM "
+            "private key"
+        ) from None
+
+
+def describe_claims(token: str) -> str:
+    """The unverified claims of a token, for printing next to a freshly minted one."""
+    return json.dumps(jwt.decode(token, options={"verify_signature": False}), sort_keys=True)

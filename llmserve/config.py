@@ -1,0 +1,402 @@
+"""The configuration tree and loading it from one YAML file.
+
+Every setting is declared once below, with its default and its meaning (the `description`).
+`tests/test_config.py` fails when a setting is missing from the README's config reference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from llmserve.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "llmserve.yaml"
+CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerConfig(Section):
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the API (0 picks a free one).")
+    admin_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="If set, a second listener on 127.0.0.1 serves /metrics and /ready "
+        "without credentials; the public port then needs an admin principal for them.",
+    )
+    public_metrics: bool = Field(
+        False, description="Serve /metrics on the public port without credentials."
+    )
+    public_ready: bool = Field(
+        False, description="Serve /ready on the public port without credentials."
+    )
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, description="SSE comment sent on a stream after this long with no output."
+    )
+    max_body_bytes: ByteSize = Field(
+        ByteSize(4 * 1024 * 1024), gt=0, description="Largest request body accepted (413 above)."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
+    )
+
+
+class FakeEngineConfig(Section):
+    ttft_seconds: float = Field(0.0, ge=0, description="Fake engine: delay before the first token.")
+    tokens_per_second: float = Field(
+        0.0, ge=0, description="Fake engine: output rate per request (0 = as fast as possible)."
+    )
+    output_tokens: int | None = Field(
+        None, ge=1, description="Fake engine: stop naturally after this many tokens (unset = "
+        "run to max_tokens)."
+    )
+    fail_before_first_token: bool = Field(
+        False, description="Fake engine: every request fails before its first token."
+    )
+    fail_after_tokens: int | None = Field(
+        None, ge=0, description="Fake engine: every request fails after this many tokens."
+    )
+
+
+class EngineConfig(Section):
+    kind: Literal["vllm", "fake"] = Field(
+        "vllm", description="`vllm` (embedded vLLM) or `fake` (deterministic, for tests)."
+    )
+    model: str = Field(
+        "./models/smollm2-135m-instruct", description="Model directory or hub id for vLLM."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients send as `model` (default: the model's directory name)."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Context length: prompt + output tokens.")
+    max_num_seqs: int = Field(16, ge=1, description="Sequences the engine runs in one batch.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` uses CUDA when a GPU is visible, else the CPU settings."
+    )
+    dtype: str = Field("auto", description="Weights dtype passed to vLLM (auto, bfloat16, ...).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM TP).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM PP).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU only)."
+    )
+    cpu_kv_cache_bytes: ByteSize = Field(
+        ByteSize(1024**3), gt=0, description="KV cache size on CPU (CPU only)."
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Output cap for requests without max_tokens (unset = the rest of the "
+        "context).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM AsyncEngineArgs by name (checked at start)."
+    )
+    fake: FakeEngineConfig = Field(
+        default_factory=FakeEngineConfig, description="Settings of the fake engine."
+    )
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
+
+
+class JwtConfig(Section):
+    algorithms: list[
+        Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
+    ] = Field(
+        default_factory=lambda: ["HS256"], description="Accepted JWT algorithms (one family)."
+    )
+    secret: SecretStr | None = Field(
+        None, description="HMAC secret for HS*; use `${LLMSERVE_JWT_SECRET}`, never a literal."
+    )
+    public_key_file: Path | None = Field(None, description="PEM public key for RS*/ES*/PS*.")
+    private_key_file: Path | None = Field(
+        None, description="PEM private key, only for `llmserve keys jwt` to mint test tokens."
+    )
+    jwks_file: Path | None = Field(None, description="A JWKS file of public keys (by `kid`).")
+    issuer: str | None = Field(None, description="Required `iss` claim, when set.")
+    audience: str | None = Field(None, description="Required `aud` claim, when set.")
+    leeway_seconds: float = Field(30.0, ge=0, description="Clock skew allowed for exp/nbf/iat.")
+    subject_claim: str = Field("sub", description="Claim that gives the principal id.")
+    tier_claim: str = Field("tier", description="Claim that gives the tier.")
+    models_claim: str = Field("models", description="Claim listing allowed models (absent = all).")
+    admin_claim: str | None = Field(
+        None,
+        description="Claim that, when `true`, makes the caller an admin (unset: JWTs never are).",
+    )
+
+    @model_validator(mode="after")
+    def _one_algorithm_family(self) -> JwtConfig:
+        # Mixing HMAC with public-key algorithms is what algorithm-confusion attacks need.
+        hmac_algs = [a for a in self.algorithms if a.startswith("HS")]
+        if hmac_algs and len(hmac_algs) != len(self.algorithms):
+            raise ValueError("algorithms: do not mix HS* with RS*/ES*/PS* (algorithm confusion)")
+        if not self.algorithms:
+            raise ValueError("algorithms: list at least one algorithm")
+        return self
+
+
+class AuthConfig(Section):
+    enabled: bool = Field(True, description="Require a principal on every route but /health.")
+    keys: Path = Field(Path(".llmserve/keys"), description="Directory of the API key store.")
+    cache_seconds: float = Field(
+        0.5, ge=0, le=1, description="How long an auth decision is cached in process (<= 1 s)."
+    )
+    jwt: JwtConfig | None = Field(None, description="Accept JWTs as well as API keys.")
+
+
+class TierConfig(Section):
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Tokens per minute.")
+    tokens_per_day: int | None = Field(None, ge=1, description="Tokens per UTC day.")
+    tokens_per_month: int | None = Field(None, ge=1, description="Tokens per UTC month.")
+    completion_token_weight: float = Field(
+        1.0, gt=0, description="Each completion token counts as this many tokens."
+    )
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens reserved (and enforced) when a request sets none."
+    )
+    priority: int = Field(0, description="Higher is served first by the admission queue.")
+
+
+class LimitsConfig(Section):
+    store: str = Field("memory://", description="`memory://` or `redis://host:6379/0`.")
+    on_store_error: Literal["closed", "open"] = Field(
+        "closed", description="Store unreachable: `closed` answers 503, `open` admits and logs."
+    )
+    state_dir: Path = Field(
+        Path(".llmserve/limits"), description="Where the memory store persists day/month usage."
+    )
+    default_tier: str = Field("default", description="Tier of principals that name none.")
+    tiers: dict[str, TierConfig] = Field(
+        default_factory=lambda: {"default": TierConfig()}, description="Tiers by name."
+    )
+
+    @model_validator(mode="after")
+    def _default_tier_exists(self) -> LimitsConfig:
+        if self.default_tier not in self.tiers:
+            raise ValueError(
+                f"default_tier {self.default_tier!r} is not one of the tiers "
+                f"({', '.join(sorted(self.tiers)) or 'none defined'})"
+            )
+        return self
+
+
+class QueueConfig(Section):
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests in the engine at once (default: engine.max_num_seqs)."
+    )
+    max_depth: int = Field(64, ge=0, description="Requests waiting for a slot; beyond: 503.")
+    max_wait_seconds: float = Field(30.0, gt=0, description="Longest wait for a slot; then 503.")
+    max_queued_tokens: int | None = Field(
+        None, ge=1, description="Optional cap on prompt+max_tokens of all waiting requests."
+    )
+    default_timeout_seconds: float | None = Field(
+        None, gt=0, description="Deadline of a request without an X-Request-Timeout header."
+    )
+
+
+class MetricsConfig(Section):
+    per_key: bool = Field(True, description="Per-principal token and request counters.")
+    max_principals: int = Field(
+        1000, ge=1, description="Cap on distinct principal label values (the rest: `other`)."
+    )
+
+
+class UsageConfig(Section):
+    ledger: Path | None = Field(
+        Path(".llmserve/usage.jsonl"), description="Usage ledger file (JSON lines); null = off."
+    )
+    max_bytes: ByteSize = Field(
+        ByteSize(64 * 1024 * 1024), gt=0, description="Rotate the ledger at this size."
+    )
+    backups: int = Field(5, ge=0, description="Rotated ledger files kept.")
+    fsync_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="fsync the ledger at most this often (0 = after every record). Each record "
+        "is written to the OS at once, so a server crash loses none; a power loss at most this "
+        "window.",
+    )
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["text", "json"] = Field("text", description="`text` or JSON lines.")
+    access_log: bool = Field(True, description="One line per request with status and tokens.")
+
+
+class Config(Section):
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP server.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Model engine.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and JWTs.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Rate limits.")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="Admission queue.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus.")
+    usage: UsageConfig = Field(default_factory=UsageConfig, description="Usage ledger.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logs.")
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.queue.max_concurrency or self.engine.max_num_seqs
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """The file to load: the explicit one, else $LLMSERVE_CONFIG, else ./llmserve.yaml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_FILE)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; raise ConfigError naming what is wrong."""
+    file = resolve_config_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
+    return parse_config(text, source=str(file))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error_message(exc, source)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    data = _interpolate(data, source, ())
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, source)) from None
+
+
+def _yaml_error_message(exc: yaml.YAMLError, source: str) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"{source}: invalid YAML: {problem}"
+    return f"{source}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+
+
+def _interpolate(value: Any, source: str, path: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, source, (*path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, source, (*path, str(i))) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        return _ENV_REFERENCE.sub(lambda m: _env_value(m, source, path), value)
+    return value
+
+
+def _env_value(match: re.Match[str], source: str, path: tuple[str, ...]) -> str:
+    name, default = match.group(1), match.group(2)
+    value = os.environ.get(name)
+    if value is not None and value != "":
+        return value
+    if default is not None:
+        return default
+    raise ConfigError(
+        f"{source}: {'.'.join(path)}: environment variable {name} is not set "
+        f"(write ${{{name}:-default}} to give a default)"
+    )
+
+
+def _validation_message(exc: ValidationError, source: str) -> str:
+    lines = [_describe_error(err, source) for err in exc.errors()]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _describe_error(err: Any, source: str) -> str:
+    loc = [str(part) for part in err["loc"]]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        where = ".".join(loc[:-1])
+        known = _known_fields(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        prefix = f"{where}: " if where else ""
+        expected = f"; expected one of: {', '.join(known)}" if known and not hint else ""
+        return f"{source}: {prefix}unknown setting {loc[-1]!r}{suggestion}{expected}"
+    dotted = ".".join(loc) or "<top level>"
+    if kind == "missing":
+        return f"{source}: {dotted}: required setting is missing"
+    message = err["msg"].replace("Input should be", "expected").replace("Value error, ", "")
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) and got is not None else ""
+    return f"{source}: {dotted}: {message}{shown}"
+
+
+def _known_fields(loc: list[str]) -> list[str]:
+    current: Any = Config
+    for part in loc:
+        if current is dict:
+            current = TierConfig  # the only mapping of sections: limits.tiers.<name>
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = _section_type(field.annotation) if field else None
+        if current is None:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = getattr(annotation, "__args__", ())
+    for arg in args:
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return dict if getattr(annotation, "__origin__", None) is dict else None
+
+
+def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every (dotted name, FieldInfo) of the tree: used by docs and the README test."""
+    out: list[tuple[str, Any]] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        sub = _section_type(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out.extend(iter_settings(sub, f"{dotted}."))
+        elif sub is dict and name == "tiers":
+            out.append((dotted, field))
+            out.extend(iter_settings(TierConfig, f"{dotted}.<name>."))
+        else:
+            out.append((dotted, field))
+    return out
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The config as plain data with secrets masked (for `llmserve check`)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,21 @@
+from llmserve.engine.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineStats,
+    EngineUnavailable,
+    Prompt,
+    PromptTooLong,
+    SamplingOptions,
+)
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineError",
+    "EngineStats",
+    "EngineUnavailable",
+    "Prompt",
+    "PromptTooLong",
+    "SamplingOptions",
+]

@@ -1,0 +1,107 @@
+"""The Engine seam: everything above it talks to a model only through `Engine`.
+
+Two implementations: `engine.vllm.VLLMEngine` (the embedded vLLM AsyncLLM, the only module that
+imports vllm) and `engine.fake.FakeEngine` (deterministic, for tests and gateway benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+FinishReason = str  # "stop" | "length" (OpenAI's names); an aborted request simply ends
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt ready for the engine: rendered text and/or token ids, counted exactly."""
+
+    text: str | None
+    token_ids: list[int] | None
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    priority: int = 0  # higher is more urgent; engines without priority scheduling ignore it
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One step of output: new text, how many tokens it holds, and the end when it is the end."""
+
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    kv_cache_usage: float = 0.0  # 0..1
+    running: int = 0
+    waiting: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """Generation failed inside the engine (the request cannot finish)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine is not (or no longer) able to serve: not started, dead, or shut down."""
+
+
+class PromptTooLong(EngineError):
+    def __init__(self, num_tokens: int, max_model_len: int) -> None:
+        super().__init__(f"prompt has {num_tokens} tokens, context is {max_model_len}")
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the gateway needs from a model engine."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    async def start(self) -> None:
+        """Load the model; after it returns, `check_health` passes."""
+
+    async def render_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        """Apply the model's chat template (with the generation prompt) and count the tokens."""
+
+    async def render_completion(self, prompt: str) -> Prompt:
+        """Tokenize a raw completion prompt."""
+
+    def generate(
+        self, prompt: Prompt, options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[Delta]:
+        """Stream deltas; the last one carries finish_reason. Raise EngineError on failure.
+
+        Cancelling the consumer (or closing the iterator) must abort the request in the engine.
+        """
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None:
+        """Raise EngineUnavailable if the engine cannot serve."""
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def dead(self) -> BaseException | None:
+        """The fatal error once the engine has died for good (the process should exit)."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,196 @@
+"""A deterministic engine for tests and for measuring the gateway without a model.
+
+Output: the words of `WORDS`, in order and cycling, one word (with a trailing space) per token.
+Prompt tokens: one per whitespace-separated word of the rendered prompt. A chat is rendered as
+one line per message, `<role>: <content>`, followed by `assistant:` (the generation prompt), so
+`[{"role": "user", "content": "hi there"}]` is `user: hi there\nassistant:`: 4 tokens.
+A stop string that equals a whole output word ends generation before that word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from llmserve.config import EngineConfig
+from llmserve.engine.base import (
+    Delta,
+    EngineError,
+    EngineStats,
+    EngineUnavailable,
+    Prompt,
+    SamplingOptions,
+)
+
+WORDS = (
+    "The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
+    "patient", "engine", "counts", "every", "token", "it", "sends", "to", "the", "client", ".",
+)  # fmt: skip
+
+_YIELD_EVERY = 16  # give the event loop a turn this often when generating at full speed
+
+
+@dataclass(slots=True)
+class GenerateCall:
+    request_id: str
+    prompt: Prompt
+    options: SamplingOptions
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        model_name: str = "fake",
+        max_model_len: int = 2048,
+        *,
+        ttft_seconds: float = 0.0,
+        tokens_per_second: float = 0.0,
+        output_tokens: int | None = None,
+        fail_before_first_token: bool = False,
+        fail_after_tokens: int | None = None,
+        max_num_seqs: int = 16,
+    ) -> None:
+        self._model_name = model_name
+        self._max_model_len = max_model_len
+        self.ttft_seconds = ttft_seconds
+        self.tokens_per_second = tokens_per_second
+        self.output_tokens = output_tokens
+        self.fail_before_first_token = fail_before_first_token
+        self.fail_after_tokens = fail_after_tokens
+        self.max_num_seqs = max_num_seqs
+        self.calls: list[GenerateCall] = []
+        self.aborted: list[str] = []
+        self.finished: list[str] = []
+        self.running = 0
+        self.max_running = 0
+        self.generated_tokens = 0
+        self.started = False
+        self.closed = False
+        self._dead: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> FakeEngine:
+        fake = config.fake
+        return cls(
+            model_name=config.served_model_name or "fake",
+            max_model_len=config.max_model_len,
+            ttft_seconds=fake.ttft_seconds,
+            tokens_per_second=fake.tokens_per_second,
+            output_tokens=fake.output_tokens,
+            fail_before_first_token=fake.fail_before_first_token,
+            fail_after_tokens=fake.fail_after_tokens,
+            max_num_seqs=config.max_num_seqs,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def dead(self) -> BaseException | None:
+        return self._dead
+
+    def kill(self, error: BaseException | None = None) -> None:
+        """Simulate the engine dying for good (tests of engine failure)."""
+        self._dead = error or EngineUnavailable("fake engine died")
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def render_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        lines = [f"{m['role']}: {_text_of(m.get('content'))}" for m in messages]
+        text = "\n".join([*lines, "assistant:"])
+        return Prompt(text=text, token_ids=None, num_tokens=len(text.split()))
+
+    async def render_completion(self, prompt: str) -> Prompt:
+        return Prompt(text=prompt, token_ids=None, num_tokens=max(1, len(prompt.split())))
+
+    async def generate(
+        self, prompt: Prompt, options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[Delta]:
+        self._check_alive()
+        self.calls.append(GenerateCall(request_id, prompt, options))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        finished = False
+        try:
+            async for delta in self._deltas(options):
+                yield delta
+            finished = True
+        finally:
+            self.running -= 1
+            (self.finished if finished else self.aborted).append(request_id)
+
+    async def _deltas(self, options: SamplingOptions) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if self.ttft_seconds:
+            await asyncio.sleep(self.ttft_seconds)
+        if self.fail_before_first_token:
+            raise EngineError("fake engine failure before the first token")
+        limit = options.max_tokens
+        if self.output_tokens is not None:
+            limit = min(limit, self.output_tokens)
+        stops = set(options.stop)
+        for i in range(limit):
+            if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
+                raise EngineError(f"fake engine failure after {i} tokens")
+            word = WORDS[i % len(WORDS)]
+            if word in stops:
+                yield Delta(text="", num_tokens=0, finish_reason="stop")
+                return
+            await self._pace(loop, start, i)
+            self.generated_tokens += 1
+            last = i == limit - 1
+            reason = None if not last else ("length" if limit == options.max_tokens else "stop")
+            yield Delta(text=word + " ", num_tokens=1, finish_reason=reason)
+        if limit == 0:
+            yield Delta(text="", num_tokens=0, finish_reason="length")
+
+    async def _pace(self, loop: asyncio.AbstractEventLoop, start: float, index: int) -> None:
+        if self.tokens_per_second > 0:
+            due = start + self.ttft_seconds + index / self.tokens_per_second
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                return
+        if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def check_health(self) -> None:
+        self._check_alive()
+        if not self.started:
+            raise EngineUnavailable("engine is starting")
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineUnavailable("engine is not available")
+        if self.closed:
+            raise EngineUnavailable("engine is shut down")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_cache_usage=min(1.0, self.running / self.max_num_seqs),
+            running=self.running,
+            waiting=0,
+        )
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content)

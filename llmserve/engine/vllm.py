@@ -1,0 +1,320 @@
+"""The embedded vLLM engine (AsyncLLM) behind the Engine seam.
+
+This is the only module that imports vllm, and only inside `start()` (in a worker thread, so the
+event loop keeps answering /health while the model loads). What was measured about vLLM on CPU
+and why the CPU settings are what they are: engine-notes.md and `vllm_args.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from llmserve.config import EngineConfig
+from llmserve.engine.base import (
+    Delta,
+    EngineError,
+    EngineStats,
+    EngineUnavailable,
+    Prompt,
+    PromptTooLong,
+    SamplingOptions,
+)
+from llmserve.engine.vllm_args import BASE_ENV, EngineLaunch, build_launch, resolve_device
+from llmserve.engine.vllm_render import content_length, encode, render_chat_text
+from llmserve.engine.vllm_stats import StatsSink, stat_logger_factory
+from llmserve.errors import EngineStartError, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+# Conversations longer than this are rendered in a worker thread, so one big prompt does not
+# stall every stream; short ones are cheaper to render inline (~0.1 ms) than to hand off.
+_OFFLOAD_RENDER_CHARS = 16_384
+# Model generation-config defaults applied to fields a request leaves unset, as `vllm serve`
+# does; other keys of the generation config (e.g. max_new_tokens) are not sampling defaults.
+_DEFAULTABLE = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    }
+)
+
+
+class VLLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._llm: Any = None
+        self._vllm: Any = None  # the vllm names we use, bound at start()
+        self._tokenizer: Any = None
+        self._launch: EngineLaunch | None = None
+        self._sampling_defaults: dict[str, Any] = {}
+        self._sink = StatsSink()
+        self._dead: BaseException | None = None
+        self._closed = False
+        self.start_seconds: float | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self._config.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._config.max_model_len
+
+    @property
+    def launch(self) -> EngineLaunch | None:
+        """How the engine was started (device, AsyncEngineArgs, environment); None before."""
+        return self._launch
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise EngineUnavailable("engine is shut down")
+        if self._llm is not None:
+            return
+        began = time.monotonic()
+        llm = await asyncio.to_thread(self._build)
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self._sampling_defaults = _sampling_defaults(llm)
+        self.start_seconds = time.monotonic() - began
+        log.info(
+            "vLLM engine ready: model %s on %s in %.1f s",
+            self.model_name,
+            self._launch.device if self._launch else "?",
+            self.start_seconds,
+        )
+
+    def _build(self) -> Any:
+        _check_model_exists(self._config.model)
+        for name, value in BASE_ENV.items():
+            os.environ.setdefault(name, value)
+        device = resolve_device(self._config, _cuda_available())
+        launch = build_launch(self._config, device, _engine_arg_names())
+        os.environ.update(launch.env)
+        self._vllm = _import_vllm()
+        self._launch = launch
+        try:
+            args = self._vllm.AsyncEngineArgs(**launch.engine_args)
+            return self._vllm.AsyncLLM.from_engine_args(
+                args, stat_loggers=[stat_logger_factory(self._sink)]
+            )
+        except Exception as exc:
+            log.exception("vLLM failed to start")
+            raise EngineStartError(
+                f"vLLM could not start model {self._config.model!r}: {exc}"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # Synchronous: stops the engine-core process and waits for it; nothing is left.
+            llm.shutdown()
+
+    # -- health -------------------------------------------------------------------------------
+
+    @property
+    def dead(self) -> BaseException | None:
+        llm = self._llm
+        if self._dead is None and llm is not None and not self._closed and llm.errored:
+            self._mark_dead(self._vllm.EngineDeadError("the vLLM engine core stopped"))
+        return self._dead
+
+    async def check_health(self) -> None:
+        llm = self._require_llm()
+        try:
+            await llm.check_health()
+        except Exception as exc:
+            self._mark_dead(exc)
+            raise EngineUnavailable("engine is not available") from exc
+
+    def stats(self) -> EngineStats:
+        return self._sink.snapshot()
+
+    def _require_llm(self) -> Any:
+        if self._closed:
+            raise EngineUnavailable("engine is shut down")
+        if self._llm is None:
+            raise EngineUnavailable("engine is starting")
+        if self.dead is not None:
+            raise EngineUnavailable("engine is not available")
+        return self._llm
+
+    def _mark_dead(self, error: BaseException) -> None:
+        if self._dead is None:
+            self._dead = error
+            log.error("vLLM engine died: %r", error, exc_info=error)
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    async def render_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        self._require_llm()
+        if content_length(messages) > _OFFLOAD_RENDER_CHARS:
+            return await asyncio.to_thread(self._render_chat, messages)
+        return self._render_chat(messages)
+
+    def _render_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        try:
+            text = render_chat_text(self._tokenizer, messages)
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # jinja2 errors raised by the template itself
+            raise InvalidRequest(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from None
+        ids = encode(self._tokenizer, text, add_special_tokens=False)
+        return Prompt(text=text, token_ids=ids, num_tokens=len(ids))
+
+    async def render_completion(self, prompt: str) -> Prompt:
+        self._require_llm()
+        if len(prompt) > _OFFLOAD_RENDER_CHARS:
+            ids = await asyncio.to_thread(encode, self._tokenizer, prompt, add_special_tokens=True)
+        else:
+            ids = encode(self._tokenizer, prompt, add_special_tokens=True)
+        return Prompt(text=prompt, token_ids=ids, num_tokens=len(ids))
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: Prompt, options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[Delta]:
+        llm = self._require_llm()
+        token_ids = prompt.token_ids
+        if token_ids is None:
+            token_ids = (await self.render_completion(prompt.text or "")).token_ids or []
+        if len(token_ids) + options.max_tokens > self.max_model_len:
+            raise PromptTooLong(len(token_ids), self.max_model_len)
+        stream = llm.generate(
+            self._vllm.tokens_input(token_ids),
+            self._sampling_params(options),
+            request_id,
+            **self._priority(options),
+        )
+        try:
+            async for output in stream:
+                delta = _delta_of(output)
+                if delta is not None:
+                    yield delta
+        except self._vllm.EngineDeadError as exc:
+            self._mark_dead(exc)
+            raise EngineUnavailable("engine is not available") from exc
+        except (EngineError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            log.exception("generation of %s failed", request_id)
+            if self.dead is not None:
+                raise EngineUnavailable("engine is not available") from exc
+            raise EngineError("generation failed") from exc
+        finally:
+            # Closing our iterator early (client gone) closes vLLM's, which aborts the request.
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and not self._closed:
+            await self._llm.abort(request_id)
+
+    def _sampling_params(self, options: SamplingOptions) -> Any:
+        requested = {
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "presence_penalty": options.presence_penalty,
+            "frequency_penalty": options.frequency_penalty,
+        }
+        values = {**self._sampling_defaults}
+        values.update({k: v for k, v in requested.items() if v is not None})
+        try:
+            return self._vllm.SamplingParams(
+                **values,
+                max_tokens=options.max_tokens,
+                stop=list(options.stop) or None,
+                seed=options.seed,
+                # Tests need exact lengths; SamplingOptions has no such field (yet): see report.
+                ignore_eos=bool(getattr(options, "ignore_eos", False)),
+                output_kind=self._vllm.RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:  # vLLM's own range checks (e.g. top_p in (0, 1])
+            raise InvalidRequest(str(exc)) from None
+
+    def _priority(self, options: SamplingOptions) -> dict[str, int]:
+        if self._launch is None or not self._launch.priority_scheduling:
+            return {}
+        return {"priority": -options.priority}  # vLLM serves lower values first; we, higher
+
+
+def _delta_of(output: Any) -> Delta | None:
+    completion = output.outputs[0]
+    reason = _finish_reason(completion.finish_reason) if output.finished else None
+    num_tokens = len(completion.token_ids)
+    if not completion.text and not num_tokens and reason is None:
+        return None
+    return Delta(text=completion.text, num_tokens=num_tokens, finish_reason=reason)
+
+
+def _finish_reason(reason: Any) -> str | None:
+    name = str(reason) if reason is not None else None
+    if name in (None, "abort"):
+        return None  # an aborted request simply ends; the gateway knows why it aborted
+    if name == "error":
+        raise EngineError("the engine failed this request")
+    return "length" if name == "length" else "stop"
+
+
+def _sampling_defaults(llm: Any) -> dict[str, Any]:
+    try:
+        defaults = llm.model_config.get_diff_sampling_param()
+    except Exception:  # a model without a usable generation config: vLLM's neutral defaults
+        return {}
+    return {k: v for k, v in defaults.items() if k in _DEFAULTABLE}
+
+
+def _check_model_exists(model: str) -> None:
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().is_dir():
+        hint = " (run `llmserve models prepare`)" if "smollm2" in model else ""
+        raise EngineStartError(f"engine.model: no model directory at {model}{hint}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _engine_arg_names() -> set[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def _import_vllm() -> SimpleNamespace:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import tokens_input
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return SimpleNamespace(
+        AsyncEngineArgs=AsyncEngineArgs,
+        AsyncLLM=AsyncLLM,
+        EngineDeadError=EngineDeadError,
+        RequestOutputKind=RequestOutputKind,
+        SamplingParams=SamplingParams,
+        tokens_input=tokens_input,
+    )

@@ -1,0 +1,129 @@
+"""From `EngineConfig` to vLLM's AsyncEngineArgs keywords and process environment: pure.
+
+No vllm import here: the caller passes the names AsyncEngineArgs accepts, so this is tested
+without vllm. Why the CPU settings are what they are: see engine-notes.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llmserve.config import EngineConfig
+from llmserve.errors import EngineStartError
+
+Device = Literal["cpu", "cuda"]
+
+# Defaults set before vllm is first imported: no hub access (models are local or pre-downloaded),
+# no telemetry. An operator's own value of these variables wins.
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+# On CPU the model runs inside the engine-core process ("uni"): faster and 700 MB lighter here.
+CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+# Settings that have their own EngineConfig field: setting them in `options` is ambiguous.
+_OWN_FIELDS = {
+    "model": "model",
+    "tokenizer": "model",
+    "served_model_name": "served_model_name",
+    "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "dtype": "dtype",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "kv_cache_memory_bytes": "cpu_kv_cache_bytes",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLaunch:
+    """What starting vLLM needs: the device, AsyncEngineArgs keywords, environment to force."""
+
+    device: Device
+    engine_args: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def priority_scheduling(self) -> bool:
+        return self.engine_args.get("scheduling_policy") == "priority"
+
+
+def resolve_device(config: EngineConfig, cuda_available: bool) -> Device:
+    if config.device == "cuda" and not cuda_available:
+        raise EngineStartError("engine.device is cuda but no CUDA device is visible")
+    if config.device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    return config.device
+
+
+def build_launch(
+    config: EngineConfig, device: Device, known_options: Collection[str]
+) -> EngineLaunch:
+    """The full launch description; raise EngineStartError for options vLLM would refuse."""
+    check_options(config.options, known_options)
+    args = _common_args(config)
+    args.update(_cpu_args(config) if device == "cpu" else _cuda_args(config))
+    args.update(config.options)
+    if device == "cpu":
+        check_seed_safe_on_cpu(args)
+    return EngineLaunch(
+        device=device, engine_args=args, env=dict(CPU_ENV if device == "cpu" else {})
+    )
+
+
+def check_options(options: Mapping[str, Any], known_options: Collection[str]) -> None:
+    for name in options:
+        if name in _OWN_FIELDS:
+            raise EngineStartError(f"engine.options.{name}: set engine.{_OWN_FIELDS[name]} instead")
+        if name not in known_options:
+            hint = difflib.get_close_matches(name, list(known_options), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise EngineStartError(
+                f"engine.options.{name}: not an option of vLLM's AsyncEngineArgs{suggestion}"
+            )
+
+
+def check_seed_safe_on_cpu(args: Mapping[str, Any]) -> None:
+    """On CPU a seeded request whose prefill is chunked kills the engine core: forbid chunking."""
+    if args.get("enable_chunked_prefill"):
+        raise EngineStartError(
+            "engine.options.enable_chunked_prefill: must stay false on CPU "
+            "(a request with `seed` and a chunked prefill crashes vLLM's CPU engine)"
+        )
+    batched = args.get("max_num_batched_tokens")
+    if batched is not None and batched < args["max_model_len"]:
+        raise EngineStartError(
+            f"engine.options.max_num_batched_tokens: must be at least max_model_len "
+            f"({args['max_model_len']}) on CPU, so that no prompt is chunked"
+        )
+
+
+def _common_args(config: EngineConfig) -> dict[str, Any]:
+    return {
+        "model": config.model,
+        "served_model_name": config.model_name,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "dtype": config.dtype,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "pipeline_parallel_size": config.pipeline_parallel_size,
+        # Stats stay on: our stat logger and vLLM's own vllm:* Prometheus series need them.
+        "disable_log_stats": False,
+    }
+
+
+def _cpu_args(config: EngineConfig) -> dict[str, Any]:
+    return {
+        "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
+        "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
+        "distributed_executor_backend": "uni",
+        # Whole prompts in one step: a chunked seeded prefill crashes the CPU engine.
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(config.max_model_len, 2048),
+    }
+
+
+def _cuda_args(config: EngineConfig) -> dict[str, Any]:
+    return {"gpu_memory_utilization": config.gpu_memory_utilization}

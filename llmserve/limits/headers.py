@@ -1,0 +1,62 @@
+"""OpenAI's x-ratelimit-* response headers, from the windows' status.
+
+OpenAI writes resets as Go durations ("1s", "6m0s", "20ms", "1h2m3.5s"). The requests trio
+describes requests_per_minute; the tokens trio describes tokens_per_minute, or, for a tier
+without one, whichever token window (day or month) has the least left. A trio whose window
+the tier does not have is left out rather than invented.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from llmserve.limits.windows import WindowStatus
+
+_MS_PER_HOUR = 3_600_000
+_MS_PER_MINUTE = 60_000
+
+
+def format_duration(seconds: float) -> str:
+    """Go's time.Duration text, rounded up to the millisecond so a client never retries early."""
+    total_ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if total_ms == 0:
+        return "0s"
+    if total_ms < 1000:
+        return f"{total_ms}ms"
+    hours, rest = divmod(total_ms, _MS_PER_HOUR)
+    minutes, rest = divmod(rest, _MS_PER_MINUTE)
+    whole, fraction = divmod(rest, 1000)
+    text = f"{whole}.{fraction:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
+
+
+def _trio(kind: str, window: WindowStatus) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(window.limit),
+        f"x-ratelimit-remaining-{kind}": str(window.remaining),
+        f"x-ratelimit-reset-{kind}": format_duration(window.reset_seconds),
+    }
+
+
+def pick_token_window(windows: Sequence[WindowStatus]) -> WindowStatus | None:
+    by_name = {w.name: w for w in windows}
+    if "tokens_per_minute" in by_name:
+        return by_name["tokens_per_minute"]
+    calendar = [by_name[n] for n in ("tokens_per_day", "tokens_per_month") if n in by_name]
+    return min(calendar, key=lambda w: w.remaining, default=None)
+
+
+def rate_limit_headers(windows: Sequence[WindowStatus]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for window in windows:
+        if window.name == "requests_per_minute":
+            headers.update(_trio("requests", window))
+    tokens = pick_token_window(windows)
+    if tokens is not None:
+        headers.update(_trio("tokens", tokens))
+    return headers

@@ -1,0 +1,444 @@
+"""The gateway's Prometheus metrics, built on an injected `CollectorRegistry`.
+
+One custom collector holds every `llmserve_*` series as plain dicts and bucket lists: `observe`
+runs on the event loop once per request, and plain dict increments cost a tenth of
+prometheus_client's locked child objects (see benchmarks/metrics.py). The gauges (queue,
+in-flight, engine stats, GPU) are read from bound callables at scrape time, so nothing is polled
+between scrapes. Everything here is meant to be used from the event-loop thread.
+
+`render()` serves our registry followed by prometheus_client's default REGISTRY, where the
+embedded vLLM registers its own `vllm:*` series (and where the process_* collectors live).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from llmserve import __version__
+from llmserve.config import MetricsConfig
+from llmserve.engine.base import EngineStats
+from llmserve.records import RequestRecord
+
+log = logging.getLogger(__name__)
+
+PREFIX = "llmserve_"
+GENERATION_ROUTES = frozenset({"chat", "completions"})
+OTHER_PRINCIPAL = "other"  # the label value of every principal beyond the cap
+
+# Buckets (seconds) chosen for LLM serving: TTFT spans a fast prefill (10 ms) to a long queue;
+# inter-token latency is a decode step (1 ms on a GPU to 100s of ms on a CPU); the gateway's own
+# overhead should sit well under a millisecond.
+# fmt: off
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+                5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
+               60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                      20.0, 30.0, 60.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+                    0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
+# fmt: on
+
+
+class Counter:
+    """A counter without labels (e.g. `limiter_store_errors.inc()`)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LabelledCounter:
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str]) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, value in list(self.values.items()):
+            family.add_metric(labels, value)
+        return family
+
+
+class Histogram:
+    """Cumulative-on-read bucket counts; `observe_many` sorts once instead of N observe calls."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # last slot: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        ordered = sorted(values)
+        if not ordered:
+            return
+        below = 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect.bisect_right(ordered, bound, lo=below)
+            self.counts[i] += upto - below
+            below = upto
+        self.counts[-1] += len(ordered) - below
+        self.sum += math.fsum(ordered)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        counts, total, out = list(self.counts), 0, []
+        for bound, count in zip((*self.bounds, math.inf), counts, strict=True):
+            total += count
+            out.append((_bound_label(bound), float(total)))
+        return out
+
+
+class LabelledHistogram:
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str], bounds: Sequence[float]):
+        self.name, self.doc, self.labelnames, self.bounds = name, doc, tuple(labelnames), bounds
+        self.children: dict[tuple[str, ...], Histogram] = {}
+
+    def child(self, labels: tuple[str, ...] = ()) -> Histogram:
+        found = self.children.get(labels)
+        if found is None:
+            found = self.children[labels] = Histogram(self.bounds)
+        return found
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, hist in list(self.children.items()):
+            family.add_metric(labels, hist.cumulative(), hist.sum)
+        return family
+
+
+def _bound_label(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(float(bound))
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    index: int
+    utilization_ratio: float  # 0..1
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+class GpuProbe(Protocol):
+    def sample(self) -> list[GpuSample]: ...
+
+
+class NvmlProbe:
+    """GPU utilization and memory through NVML, when pynvml imports and a GPU is visible."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+        try:
+            import pynvml  # optional: nvidia-ml-py
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            self._nvml = pynvml
+        except Exception:  # no module, no driver, no device: GPU series are simply absent
+            self._handles = []
+
+    def sample(self) -> list[GpuSample]:
+        out = []
+        for index, handle in enumerate(self._handles):
+            util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            out.append(GpuSample(index, util.gpu / 100.0, int(mem.used), int(mem.total)))
+        return out
+
+
+IntGauge = Callable[[], int]
+
+
+class Metrics:
+    """Every `llmserve_*` series. The gateway calls `bind` once, `observe` once per request."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        config: MetricsConfig,
+        *,
+        include_default_registry: bool = True,
+        gpu_probe: GpuProbe | None = None,
+        time_func: Callable[[], float] = time.time,
+    ) -> None:
+        self._registry = registry
+        self._config = config
+        self._include_default = include_default_registry and registry is not REGISTRY
+        self._gpu = gpu_probe if gpu_probe is not None else NvmlProbe()
+        self._start_time = time_func()
+        self._principals: set[str] = set()
+        self._gauges: dict[str, Callable[[], Any]] = {}
+        self._model: str = ""
+        self._define()
+        registry.register(self)
+
+    def _define(self) -> None:
+        c = LabelledCounter
+        self.requests = c(
+            "llmserve_requests",
+            "Finished requests by route, HTTP status and error code.",
+            ("route", "status", "code"),
+        )
+        self.tokens = c("llmserve_tokens", "Tokens processed by type and tier.", ("type", "tier"))
+        self.principal_requests = c(
+            "llmserve_principal_requests",
+            "Requests per principal (capped; the rest: other).",
+            ("principal",),
+        )
+        self.principal_tokens = c(
+            "llmserve_principal_tokens",
+            "Tokens per principal and type (capped).",
+            ("principal", "type"),
+        )
+        self.rate_limited = c(
+            "llmserve_rate_limit_rejections", "429 answers by the limit that was hit.", ("limit",)
+        )
+        self.disconnects = c(
+            "llmserve_client_disconnects", "Clients gone before their response ended.", ("route",)
+        )
+        self.limiter_store_errors = Counter()
+        h = LabelledHistogram
+        self.ttft = h(
+            "llmserve_time_to_first_token_seconds",
+            "Request start to the first token written.",
+            (),
+            TTFT_BUCKETS,
+        )
+        self.itl = h(
+            "llmserve_inter_token_latency_seconds",
+            "Gap between consecutive token chunks of a response.",
+            (),
+            ITL_BUCKETS,
+        )
+        self.e2e = h(
+            "llmserve_request_duration_seconds",
+            "Generation request start to its last byte, by route.",
+            ("route",),
+            E2E_BUCKETS,
+        )
+        self.queue_wait = h(
+            "llmserve_queue_wait_seconds",
+            "Time a request waited for an engine slot.",
+            (),
+            QUEUE_WAIT_BUCKETS,
+        )
+        self.overhead = h(
+            "llmserve_gateway_overhead_seconds",
+            "Time a generation request spent in the gateway (not queued, not in the engine).",
+            (),
+            OVERHEAD_BUCKETS,
+        )
+        for unlabelled in (self.ttft, self.itl, self.queue_wait, self.overhead):
+            unlabelled.child()  # exported as zeros from the start: alerts see 0, not "absent"
+
+    def bind(
+        self,
+        *,
+        queue_depth: IntGauge,
+        in_flight: IntGauge,
+        concurrency_limit: IntGauge,
+        engine_stats: Callable[[], EngineStats],
+        queue_limit: IntGauge | None = None,
+        engine_healthy: Callable[[], bool] | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Give the scrape-time sources of the gauges (each called once per scrape)."""
+        self._gauges = {
+            "queue_depth": queue_depth,
+            "in_flight": in_flight,
+            "concurrency_limit": concurrency_limit,
+            "engine_stats": engine_stats,
+        }
+        if queue_limit is not None:
+            self._gauges["queue_limit"] = queue_limit
+        if engine_healthy is not None:
+            self._gauges["engine_healthy"] = engine_healthy
+        self._model = model or ""
+
+    # -- per request ------------------------------------------------------------------------
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count one finished request (success or failure); cheap: a few dict increments."""
+        route = record.route
+        self.requests.inc((route, str(record.status), record.error_code or ""))
+        if record.status == 429 and record.rejected_by:
+            self.rate_limited.inc((record.rejected_by,))
+        if record.disconnected:
+            self.disconnects.inc((route,))
+        self._count_tokens(record)
+        if route in GENERATION_ROUTES:
+            self._observe_latencies(record)
+
+    def _count_tokens(self, record: RequestRecord) -> None:
+        prompt, completion = record.prompt_tokens, record.completion_tokens
+        tier = record.tier or "none"
+        if prompt:
+            self.tokens.inc(("prompt", tier), prompt)
+        if completion:
+            self.tokens.inc(("completion", tier), completion)
+        if not self._config.per_key or record.principal_id is None:
+            return
+        principal = self._principal_label(record.principal_id)
+        self.principal_requests.inc((principal,))
+        if prompt:
+            self.principal_tokens.inc((principal, "prompt"), prompt)
+        if completion:
+            self.principal_tokens.inc((principal, "completion"), completion)
+
+    def _principal_label(self, principal_id: str) -> str:
+        if principal_id in self._principals:
+            return principal_id
+        if len(self._principals) < self._config.max_principals:
+            self._principals.add(principal_id)
+            return principal_id
+        return OTHER_PRINCIPAL
+
+    def _observe_latencies(self, record: RequestRecord) -> None:
+        self.e2e.child((record.route,)).observe(record.total_seconds)
+        self.overhead.child().observe(record.overhead_seconds)
+        if record.ttft_seconds is not None:
+            self.ttft.child().observe(record.ttft_seconds)
+        if record.queue_wait_seconds is not None:
+            self.queue_wait.child().observe(record.queue_wait_seconds)
+        if record.inter_token_seconds:
+            self.itl.child().observe_many(record.inter_token_seconds)
+
+    # -- exposition ---------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The /metrics body and its Content-Type: our series, then the default REGISTRY's."""
+        body = generate_latest(self._registry)
+        if self._include_default:
+            body += generate_latest(REGISTRY)
+        return body, CONTENT_TYPE_LATEST
+
+    def series_names(self) -> set[str]:
+        """Every sample name this object can export (`_total`, `_bucket`... included)."""
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+        return {
+            family.name + suffix
+            for family in self._families(describe=True)
+            for suffix in suffixes.get(family.type, ("",))
+        }
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families(describe=True)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(describe=False)
+
+    def _families(self, describe: bool) -> Iterator[Metric]:
+        for counter in (
+            self.requests,
+            self.tokens,
+            self.principal_requests,
+            self.principal_tokens,
+            self.rate_limited,
+            self.disconnects,
+        ):
+            yield counter.family()
+        yield CounterMetricFamily(
+            "llmserve_limiter_store_errors",
+            "Limiter store operations that failed.",
+            value=self.limiter_store_errors.value,
+        )
+        for hist in (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead):
+            yield hist.family()
+        info = GaugeMetricFamily(
+            "llmserve_info",
+            "Server version and served model (value 1).",
+            labels=("version", "model"),
+        )
+        info.add_metric((__version__, self._model), 1.0)
+        yield info
+        yield GaugeMetricFamily(
+            "llmserve_start_time_seconds",
+            "Start time of the server, in Unix seconds.",
+            value=self._start_time,
+        )
+        yield from _bound_gauges(self._gauges, describe)
+        yield from _gpu_gauges(self._gpu, describe)
+
+
+_GAUGE_DOCS = {
+    "queue_depth": ("llmserve_queue_depth", "Requests waiting for an engine slot."),
+    "queue_limit": ("llmserve_queue_max_depth", "Most requests allowed to wait (beyond: 503)."),
+    "in_flight": ("llmserve_in_flight_requests", "Requests holding an engine slot."),
+    "concurrency_limit": ("llmserve_concurrency_limit", "Engine slots (requests at once)."),
+    "engine_healthy": ("llmserve_engine_healthy", "1 when the engine can serve, else 0."),
+}
+_ENGINE_DOCS = {
+    "kv_cache_usage": ("llmserve_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1)."),
+    "running": ("llmserve_engine_running_requests", "Requests the engine is running."),
+    "waiting": ("llmserve_engine_waiting_requests", "Requests waiting inside the engine."),
+}
+
+
+def _bound_gauges(sources: dict[str, Callable[[], Any]], describe: bool) -> Iterator[Metric]:
+    names = list(_GAUGE_DOCS) if describe else [n for n in _GAUGE_DOCS if n in sources]
+    for key in names:
+        name, doc = _GAUGE_DOCS[key]
+        value = None if describe else _read(sources[key])
+        if describe or value is not None:
+            yield GaugeMetricFamily(name, doc, value=float(value) if value is not None else None)
+    if describe or "engine_stats" in sources:
+        stats = None if describe else _read(sources["engine_stats"])
+        for attr, (name, doc) in _ENGINE_DOCS.items():
+            if describe or stats is not None:
+                value = float(getattr(stats, attr)) if stats is not None else None
+                yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _read(source: Callable[[], Any]) -> Any:
+    """A failing source drops its gauge from this scrape instead of failing the whole scrape."""
+    try:
+        return source()
+    except Exception:
+        log.debug("metrics source %r failed", source, exc_info=True)
+        return None
+
+
+_GPU_DOCS = (
+    ("llmserve_gpu_utilization_ratio", "GPU busy fraction over the last sample period (NVML)."),
+    ("llmserve_gpu_memory_used_bytes", "GPU memory in use (NVML)."),
+    ("llmserve_gpu_memory_total_bytes", "GPU memory in total (NVML)."),
+)
+
+
+def _gpu_gauges(probe: GpuProbe, describe: bool) -> Iterator[Metric]:
+    samples = [] if describe else (_read(probe.sample) or [])
+    if not describe and not samples:
+        return  # no GPU: the series are absent, not zero
+    families = [GaugeMetricFamily(name, doc, labels=("gpu",)) for name, doc in _GPU_DOCS]
+    for s in samples:
+        gpu = (str(s.index),)
+        families[0].add_metric(gpu, s.utilization_ratio)
+        families[1].add_metric(gpu, float(s.memory_used_bytes))
+        families[2].add_metric(gpu, float(s.memory_total_bytes))
+    yield from families

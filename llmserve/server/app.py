@@ -1,0 +1,90 @@
+"""Build the aiohttp application from its collaborators (all injected, so tests pick fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from llmserve.api import generation, info
+from llmserve.api.gateway import Gateway
+from llmserve.auth.principal import ANONYMOUS
+from llmserve.config import Config
+from llmserve.engine.base import Engine
+from llmserve.middleware.context import add_request_id, context_middleware
+from llmserve.middleware.errors import error_middleware
+from llmserve.server.keys import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
+from llmserve.server.lifecycle import Lifecycle
+
+log = logging.getLogger("llmserve.server")
+
+ENGINE_START = web.AppKey("engine_start", asyncio.Task)
+
+
+def build_app(
+    config: Config,
+    engine: Engine,
+    *,
+    limiter: Any = None,
+    admission: Any = None,
+    metrics: Any = None,
+    ledger: Any = None,
+    auth_middleware: Any = None,
+) -> web.Application:
+    """The API application. The engine starts in the background when the app starts, so /health
+    answers at once and /ready turns 200 when the model is loaded."""
+    middlewares: list[Any] = [context_middleware, error_middleware]
+    middlewares.append(auth_middleware or anonymous_principal)
+    app = web.Application(
+        middlewares=middlewares, client_max_size=int(config.server.max_body_bytes)
+    )
+    app[CONFIG] = config
+    app[GATEWAY] = Gateway(config, engine, limiter=limiter, admission=admission)
+    app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = metrics
+    app[LEDGER] = ledger
+    app.on_response_prepare.append(add_request_id)
+    app.cleanup_ctx.append(_engine_context)
+    add_routes(app)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", generation.chat_completions)
+    app.router.add_post("/v1/completions", generation.completions)
+    app.router.add_get("/v1/models", info.list_models)
+    app.router.add_get("/v1/models/{model}", info.get_model)
+    app.router.add_get("/health", info.health)
+    app.router.add_get("/ready", info.ready)
+    app.router.add_get("/metrics", info.metrics)
+
+
+@web.middleware
+async def anonymous_principal(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With auth disabled every caller is the same anonymous principal."""
+    request["principal"] = ANONYMOUS
+    return await handler(request)
+
+
+async def _engine_context(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    app[ENGINE_START] = asyncio.create_task(_start_engine(gateway), name="engine-start")
+    yield
+    start = app[ENGINE_START]
+    if not start.done():
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await start
+    await gateway.engine.close()
+
+
+async def _start_engine(gateway: Gateway) -> None:
+    await gateway.engine.start()
+    gateway.ready = True
+    log.info("engine ready: serving model %r", gateway.engine.model_name)
+

@@ -1,0 +1,105 @@
+"""Run the server: listen, handle SIGTERM/SIGINT, drain, close the engine, return an exit code.
+
+Exit codes: 0 after a signal-initiated shutdown; 1 when the engine failed to start or died (so a
+supervisor such as systemd or Kubernetes restarts the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from llmserve.config import Config
+from llmserve.server.app import ENGINE_START
+from llmserve.server.components import Components, build_components
+from llmserve.server.keys import GATEWAY, LIFECYCLE
+
+log = logging.getLogger("llmserve.server")
+
+FORCED_STOP_SECONDS = 5.0  # after the grace time: how long cancelled requests get to end
+ENGINE_WATCH_SECONDS = 0.5
+
+
+async def serve(config: Config) -> int:
+    components = build_components(config)
+    runner = web.AppRunner(
+        components.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    try:
+        await _start_sites(runner, components, config)
+        exit_code = await _wait_for_end(components.app)
+        await _drain(runner, components.app, config.server.shutdown_grace_seconds)
+    finally:
+        await runner.cleanup()
+        await components.close()
+    log.info("stopped (exit code %d)", exit_code)
+    return exit_code
+
+
+async def _start_sites(runner: web.AppRunner, components: Components, config: Config) -> None:
+    site = web.TCPSite(runner, config.server.host, config.server.port)
+    await site.start()
+    for address in _addresses(runner):
+        log.info("listening on http://%s:%s", *address[:2])
+    if components.admin_app is not None and config.server.admin_port is not None:
+        admin_runner = web.AppRunner(components.admin_app, access_log=None)
+        await admin_runner.setup()
+        components.on_close(admin_runner.cleanup)
+        await web.TCPSite(admin_runner, "127.0.0.1", config.server.admin_port).start()
+        log.info("admin endpoints on http://127.0.0.1:%d", config.server.admin_port)
+
+
+def _addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
+    return [tuple(a)[:2] for a in runner.addresses]  # type: ignore[misc]
+
+
+async def _wait_for_end(app: web.Application) -> int:
+    """Block until a signal (exit 0) or an engine failure (exit 1)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(_watch_engine(app))
+    signalled = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({watcher, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (watcher, signalled):
+        task.cancel()
+    if signalled in done:
+        log.info("signal received: draining")
+        return 0
+    return 1
+
+
+async def _watch_engine(app: web.Application) -> None:
+    """Return when the engine failed to start or died for good."""
+    gateway = app[GATEWAY]
+    start = app[ENGINE_START]
+    while True:
+        if start.done() and not start.cancelled() and start.exception() is not None:
+            log.error("the engine failed to start: %s", start.exception(),
+                      exc_info=start.exception())  # fmt: skip
+            return
+        if gateway.engine.dead is not None:
+            log.error("the engine died: %s", gateway.engine.dead, exc_info=gateway.engine.dead)
+            return
+        await asyncio.sleep(ENGINE_WATCH_SECONDS)
+
+
+async def _drain(runner: web.AppRunner, app: web.Application, grace: float) -> None:
+    lifecycle = app[LIFECYCLE]
+    lifecycle.draining = True
+    for site in list(runner.sites):
+        await site.stop()  # no new connections; open ones get 503 shutting_down
+    if lifecycle.in_flight:
+        log.info("waiting up to %.0fs for %d request(s)", grace, lifecycle.in_flight)
+    if not await lifecycle.wait_idle(grace):
+        app[GATEWAY].force_stopping = True
+        count = lifecycle.cancel_all()
+        log.warning("grace time over: ending %d request(s)", count)
+        with contextlib.suppress(Exception):
+            await lifecycle.wait_idle(FORCED_STOP_SECONDS)
