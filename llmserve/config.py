@@ -373,12 +373,14 @@ def _known_fields(loc: list[str]) -> list[str]:
 def _section_type(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if getattr(annotation, "__origin__", None) is dict:
+        return dict
     args = getattr(annotation, "__args__", ())
     for arg in args:
         found = _section_type(arg)
         if found is not None:
             return found
-    return dict if getattr(annotation, "__origin__", None) is dict else None
+    return None
 
 
 def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any]]:

@@ -43,8 +43,14 @@ def test_window_must_be_positive():
 
 @pytest.mark.parametrize(
     ("estimate", "ceiling", "expected"),
-    [(None, 30.0, 30), (0.2, 30.0, 1), (3.2, 30.0, 4), (3.0, 30.0, 3), (95.0, 30.0, 30),
-     (None, 0.5, 1)],
+    [
+        (None, 30.0, 30),
+        (0.2, 30.0, 1),
+        (3.2, 30.0, 4),
+        (3.0, 30.0, 3),
+        (95.0, 30.0, 30),
+        (None, 0.5, 1),
+    ],
 )
 def test_retry_after_is_whole_seconds_between_one_and_the_ceiling(estimate, ceiling, expected):
     assert retry_after_seconds(estimate, ceiling) == expected

@@ -1,10 +1,11 @@
 """`--sweep`: raise the request rate step by step until goodput stops rising or requests fail,
 and name the highest rate whose step met the SLO.
 
-A step meets the SLO when no request failed and at least `min_good_fraction` of its requests
-met every `--goodput` bound (with no `--goodput`, every successful request counts as good).
-Goodput "stops rising" when a step gains less than `min_gain` (5%) over the previous one: past
-saturation, more offered load only adds queueing.
+A step meets the SLO when no request failed and its goodput (requests/s within every `--goodput`
+bound; with no `--goodput` every successful request counts) is at least `min_good_fraction` of
+the offered rate: the server kept up with the load and kept its latencies. Goodput "stops
+rising" when a step gains less than `min_gain` (5%) over the previous one: past saturation,
+more offered load only adds queueing.
 """
 
 from __future__ import annotations
@@ -25,14 +26,9 @@ class SweepStep:
     request_goodput: float
     result: dict[str, Any]
 
-    @property
-    def good_fraction(self) -> float:
-        if self.request_throughput <= 0:
-            return 0.0
-        return self.request_goodput / self.request_throughput
-
     def met_slo(self, min_good_fraction: float) -> bool:
-        return self.completed > 0 and self.failed == 0 and self.good_fraction >= min_good_fraction
+        kept_up = self.request_goodput >= min_good_fraction * self.rate
+        return self.completed > 0 and self.failed == 0 and kept_up
 
 
 @dataclass(frozen=True, slots=True)

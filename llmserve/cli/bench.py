@@ -105,7 +105,7 @@ def bench(
     sweep_factor: float = typer.Option(2.0, "--sweep-factor", help="Rate multiplier per step."),
     sweep_steps: int = typer.Option(8, "--sweep-steps", min=1, help="Most steps."),
     sweep_min_good: float = typer.Option(
-        0.9, "--sweep-min-good", help="Fraction of requests within the SLO to pass a step."
+        0.9, "--sweep-min-good", help="A step passes when goodput >= this fraction of its rate."
     ),
 ) -> None:
     """Load-test a server; the figures and result JSON match `vllm bench serve`."""

@@ -131,7 +131,8 @@ def list_keys(
 
 def _table(records: list[KeyRecord]) -> Table:
     table = Table(title=f"{len(records)} API keys")
-    for column in ("id", "name", "tier", "models", "status", "created", "expires", "last used"):
+    table.add_column("id", no_wrap=True)  # ids are copied into other commands: keep whole
+    for column in ("name", "tier", "models", "status", "created", "expires", "last used"):
         table.add_column(column)
     for r in records:
         models = ",".join(r.models) if r.models is not None else "all"

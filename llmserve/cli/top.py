@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 from rich.console import Console
 
@@ -35,10 +37,8 @@ def top(
         renderable, ok = snapshot_once(scraper, interval)
         console.print(renderable)
         raise typer.Exit(0 if ok else 1)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is a normal way to leave
         run_live(scraper, interval, console)
-    except KeyboardInterrupt:
-        pass
 
 
 def register(app: typer.Typer) -> None:

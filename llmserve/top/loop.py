@@ -17,7 +17,7 @@ from typing import TextIO
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from llmserve.top.scrape import Scrape, Scraper, ScrapeError
+from llmserve.top.scrape import Scrape, ScrapeError, Scraper
 from llmserve.top.stats import History, summarize
 from llmserve.top.view import ViewState, render_dashboard
 
@@ -88,9 +88,12 @@ def run_live(scraper: Scraper, interval: float, console: Console) -> None:
     state = TopState(scraper, interval)
     state.step()
     next_at = time.monotonic() + state.interval
-    with _key_reader(sys.stdin) as read_key, Live(
-        render_dashboard(state.view()), console=console, screen=True, auto_refresh=False
-    ) as live:
+    with (
+        _key_reader(sys.stdin) as read_key,
+        Live(
+            render_dashboard(state.view()), console=console, screen=True, auto_refresh=False
+        ) as live,
+    ):
         while True:
             key = read_key(max(0.0, next_at - time.monotonic()))
             if key is not None and not state.handle_key(key):

@@ -129,7 +129,9 @@ class Scraper:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
-            hint = " (an admin key: --api-key or $LLMSERVE_API_KEY)" if exc.code in (401, 403) else ""
+            hint = (
+                " (an admin key: --api-key or $LLMSERVE_API_KEY)" if exc.code in (401, 403) else ""
+            )
             raise ScrapeError(f"{path}: HTTP {exc.code}{hint}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc

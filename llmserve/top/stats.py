@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmserve.top.scrape import Scrape
@@ -40,7 +41,9 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
                 return lower_bound  # the +Inf bucket: the highest finite bound is all we know
             if count == lower_count:
                 return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
         lower_bound, lower_count = bound, count
     return lower_bound
 
@@ -149,7 +152,9 @@ def _rejections(previous: Scrape, current: Scrape) -> dict[str, tuple[float, flo
     return {k: (counter_delta(before.get(k, 0.0), v), v) for k, v in sorted(now.items())}
 
 
-def _status_counts(previous: Scrape, current: Scrape, wanted) -> tuple[float, float]:
+def _status_counts(
+    previous: Scrape, current: Scrape, wanted: Callable[[str], bool]
+) -> tuple[float, float]:
     name = "llmserve_requests_total"
     before, now = _by_label(previous, name, "status"), _by_label(current, name, "status")
     statuses = [s for s in now if wanted(s)]

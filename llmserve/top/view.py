@@ -144,11 +144,16 @@ def _admission_table(snap: Snapshot) -> Table:
     table.add_column("")
     table.add_column(f"last {snap.seconds:.1f}s", justify="right")
     table.add_column("total", justify="right")
-    table.add_row("requests/s", format_rate(snap.requests_per_second), "")
     for limit, (recent, total) in snap.rejected_by_limit.items():
         table.add_row(f"429 {limit}", _count(recent), _count(total), style=_alert(recent))
-    table.add_row("503 unavailable", *map(_count, snap.unavailable), style=_alert(snap.unavailable[0]))
-    table.add_row("5xx errors", *map(_count, snap.server_errors), style=_alert(snap.server_errors[0], "red"))
+    recent_503, total_503 = snap.unavailable
+    table.add_row(
+        "503 unavailable", _count(recent_503), _count(total_503), style=_alert(recent_503)
+    )
+    recent_5xx, total_5xx = snap.server_errors
+    table.add_row(
+        "5xx errors", _count(recent_5xx), _count(total_5xx), style=_alert(recent_5xx, "red")
+    )
     return table
 
 

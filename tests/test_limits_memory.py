@@ -1,0 +1,54 @@
+"""The memory store keeps usage across a restart by persisting it under limits.state_dir."""
+
+from __future__ import annotations
+
+import calendar
+from pathlib import Path
+
+import pytest
+
+from llmserve.config import LimitsConfig, TierConfig
+from llmserve.errors import RateLimited
+from llmserve.limits import Limiter, store_from_url
+from llmserve.limits.stores.memory import MemoryStore
+
+NOON = float(calendar.timegm((2025, 3, 14, 12, 0, 0)))
+
+
+def config(state_dir: Path) -> LimitsConfig:
+    tier = TierConfig(tokens_per_minute=1000, tokens_per_day=1500, tokens_per_month=50_000)
+    return LimitsConfig(state_dir=state_dir, tiers={"default": tier})
+
+
+async def test_day_and_month_usage_survive_a_restart(tmp_path: Path) -> None:
+    limits = config(tmp_path)
+    first = Limiter(limits, store_from_url(limits.store, limits.state_dir), lambda: NOON)
+    reservation = await first.reserve("alice", None, {}, 200, 800)
+    await first.settle(reservation, 200, 300)
+    await first.close()
+
+    later = NOON + 3600.0
+    second = Limiter(limits, store_from_url(limits.store, limits.state_dir), lambda: later)
+    usage = {w.name: w.used for w in await second.usage("alice", None, {})}
+    assert usage == {"tokens_per_minute": 0, "tokens_per_day": 500, "tokens_per_month": 500}
+    await second.reserve("alice", None, {}, 500, 500)  # the day is now full: 500 + 1000
+    with pytest.raises(RateLimited, match="tokens per day: limit 1500, used 1500"):
+        await second.reserve("alice", None, {}, 1, 0)
+    await second.close()
+
+
+async def test_a_crash_loses_at_most_the_flush_interval(tmp_path: Path) -> None:
+    limits = config(tmp_path)
+    crashed = Limiter(limits, MemoryStore(tmp_path, flush_seconds=0), lambda: NOON)
+    await crashed.reserve("alice", None, {}, 100, 100)  # never closed: as if killed
+    survivor = Limiter(limits, MemoryStore(tmp_path), lambda: NOON)
+    assert [w.used for w in await survivor.usage("alice", None, {})] == [200, 200, 200]
+    await survivor.close()
+
+
+async def test_without_a_state_dir_nothing_is_written(tmp_path: Path) -> None:
+    limits = config(tmp_path / "unused")
+    store = MemoryStore(None, flush_seconds=0)
+    await Limiter(limits, store, lambda: NOON).reserve("alice", None, {}, 1, 1)
+    await store.close()
+    assert not (tmp_path / "unused").exists()
