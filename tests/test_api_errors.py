@@ -139,7 +139,8 @@ async def test_context_length_exceeded_gives_the_numbers(client, engine):
     status, error = await post_chat(client, chat_body("word " * 200, max_tokens=100))
     assert status == 400
     assert error["code"] == "context_length_exceeded"
-    assert "256 tokens" in error["message"] and "302 tokens (202 in the prompt, 100 in the completion)" in error["message"]
+    assert "maximum context length is 256 tokens" in error["message"]
+    assert "302 tokens (202 in the prompt, 100 in the completion)" in error["message"]
     assert engine.calls == []
 
 

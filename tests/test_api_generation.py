@@ -48,7 +48,8 @@ async def test_max_completion_tokens_is_honoured(client):
 async def test_text_parts_and_developer_role_are_accepted(client, engine):
     messages = [
         {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
+        {"role": "user",
+         "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
     ]
     resp = await client.post(
         "/v1/chat/completions", json={"model": "fake", "messages": messages, "max_tokens": 1}

@@ -57,7 +57,11 @@ def test_key_yields_its_principal(store: KeyStore) -> None:
     record, api_key = store.create("svc", tier="pro", models=["m"], admin=True,
                                    limits={"tokens_per_minute": 7})  # fmt: skip
     auth = Authenticator(AuthConfig(keys=store.directory), store)
-    for headers in (bearer(api_key), {"X-API-Key": api_key}, {"Authorization": f"bearer {api_key}"}):
+    for headers in (
+        bearer(api_key),
+        {"X-API-Key": api_key},
+        {"Authorization": f"bearer {api_key}"},
+    ):
         p = auth.authenticate(headers)
         assert (p.id, p.tier, p.models, p.kind, p.admin, p.limit_overrides) == (
             record.id, "pro", frozenset({"m"}), "key", True, {"tokens_per_minute": 7}

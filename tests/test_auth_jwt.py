@@ -135,7 +135,7 @@ def test_config_refuses_mixed_families() -> None:
 
 
 def test_missing_key_material_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="auth.jwt.secret"):
+    with pytest.raises(ConfigError, match=r"auth\.jwt\.secret"):
         JwtVerifier(JwtConfig(algorithms=["HS256"]))
     with pytest.raises(ConfigError, match="public_key_file or jwks_file"):
         JwtVerifier(JwtConfig(algorithms=["RS256"]))

@@ -85,7 +85,11 @@ def test_rotate_replaces_the_secret_and_keeps_the_record(store: KeyStore) -> Non
     assert new_key != old_key and parse_key_id(new_key) == record.id
     assert store.lookup(old_key) is None
     assert store.lookup(new_key) == rotated
-    assert (rotated.tier, rotated.limits, rotated.created) == ("pro", {"tokens_per_day": 5}, 1_000.0)
+    assert (rotated.tier, rotated.limits, rotated.created) == (
+        "pro",
+        {"tokens_per_day": 5},
+        1_000.0,
+    )
 
 
 def test_unknown_id_raises_key_not_found(store: KeyStore) -> None:

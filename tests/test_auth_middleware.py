@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pydantic import SecretStr
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.permissions import ensure_model_allowed
+from llmserve.auth.redact import RedactSecretsFilter, redact
 from llmserve.config import AuthConfig, JwtConfig, ServerConfig
 from llmserve.errors import APIError
 from llmserve.middleware.auth import auth_middleware, request_principal
@@ -163,7 +165,9 @@ ATTACKS: dict[str, tuple[Callable[[World], dict[str, str]], int, str]] = {
         lambda w: bearer(w.keys["valid"][:-4] + "AAAA"), 401, "invalid_api_key",
     ),
     "revoked key": (lambda w: bearer(w.keys["revoked"]), 401, "invalid_api_key"),
-    "revoked key in X-API-Key": (lambda w: {"X-API-Key": w.keys["revoked"]}, 401, "invalid_api_key"),
+    "revoked key in X-API-Key": (
+        lambda w: {"X-API-Key": w.keys["revoked"]}, 401, "invalid_api_key",
+    ),
     "expired key": (lambda w: bearer(w.keys["expired"]), 401, "api_key_expired"),
     "key for another model": (lambda w: bearer(w.keys["valid"]), 403, "model_not_allowed"),
     "jwt bad signature": (lambda w: bearer(bad_signature(w)), 401, "invalid_token"),
@@ -172,7 +176,9 @@ ATTACKS: dict[str, tuple[Callable[[World], dict[str, str]], int, str]] = {
         lambda w: bearer(forged_hs256_with_public_key(w)), 401, "invalid_token",
     ),
     "jwt expired": (lambda w: bearer(w.rs(exp=int(time.time()) - 60)), 401, "token_expired"),
-    "jwt not yet valid": (lambda w: bearer(w.rs(nbf=int(time.time()) + 60)), 401, "token_not_yet_valid"),
+    "jwt not yet valid": (
+        lambda w: bearer(w.rs(nbf=int(time.time()) + 60)), 401, "token_not_yet_valid",
+    ),
     "jwt wrong issuer": (lambda w: bearer(w.rs(iss="https://evil.test")), 401, "invalid_token"),
     "jwt wrong audience": (lambda w: bearer(w.rs(aud="someone-else")), 401, "invalid_token"),
     "jwt missing exp": (lambda w: bearer(w.rs(exp=None)), 401, "invalid_token"),
@@ -293,3 +299,28 @@ async def test_disabled_auth_admits_everyone_everywhere(aiohttp_client) -> None:
     response = await client.get("/v1/models")
     assert (await response.json())["kind"] == "anonymous"
     assert (await client.get("/metrics")).status == 200
+
+
+async def test_parser_error_log_is_redacted_when_the_filter_is_installed(
+    world: World, rs_auth: Authenticator, aiohttp_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("aiohttp.server")
+    redaction = RedactSecretsFilter()
+    logger.addFilter(redaction)
+    try:
+        client = await aiohttp_client(make_app(rs_auth))
+        padded = world.keys["valid"] + "A" * 100_000
+        with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
+            response = await client.get("/v1/models", headers=bearer(padded))
+    finally:
+        logger.removeFilter(redaction)
+    assert response.status == 400
+    secret = world.keys["valid"].split("-", 3)[3]
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "Got more than" in logged  # the parser error was logged ...
+    assert secret not in logged  # ... without the key
+
+
+def test_redact_keeps_key_ids_and_drops_secrets() -> None:
+    text = "b'Bearer sk-llms-0123456789ab-Sec_ret-xyz AAA' and eyJhbGc.eyJzdWIi.c2ln"
+    assert redact(text) == "b'Bearer sk-llms-0123456789ab-<redacted> AAA' and <jwt>"

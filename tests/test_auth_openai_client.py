@@ -32,7 +32,9 @@ async def test_openai_client_with_valid_then_revoked_key(config: Config, aiohttp
         record, api_key = store.create("sdk-user")
         auth = Authenticator(config.auth, store, clock=lambda: now[0])
         app = build_app(
-            config, create_engine(config.engine), auth_middleware=auth_middleware(auth, config.server)
+            config,
+            create_engine(config.engine),
+            auth_middleware=auth_middleware(auth, config.server),
         )
         server = await aiohttp_client(app)
         client = openai.AsyncOpenAI(
@@ -61,7 +63,9 @@ async def test_openai_client_without_a_key_is_refused(config: Config, aiohttp_cl
     with KeyStore(config.auth.keys) as store:
         auth = Authenticator(config.auth, store)
         app = build_app(
-            config, create_engine(config.engine), auth_middleware=auth_middleware(auth, config.server)
+            config,
+            create_engine(config.engine),
+            auth_middleware=auth_middleware(auth, config.server),
         )
         server = await aiohttp_client(app)
         client = openai.AsyncOpenAI(

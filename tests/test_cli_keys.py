@@ -33,8 +33,7 @@ limits:
 """
 # Runs the keys group alone, so the subprocess test does not need every other CLI module.
 KEYS_ONLY = (
-    "import typer; from llmserve.cli import keys; "
-    "app = typer.Typer(); keys.register(app); app()"
+    "import typer; from llmserve.cli import keys; app = typer.Typer(); keys.register(app); app()"
 )
 
 

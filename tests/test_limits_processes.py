@@ -19,9 +19,10 @@ import pytest
 from support.redis_server import RedisServer, start_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
-ATTEMPTS_PER_PROCESS = 150
+# Large enough that the two processes' bursts overlap in time, not one after the other.
+ATTEMPTS_PER_PROCESS = 1200
 COST = 30  # 10 prompt + 20 max_tokens
-QUOTA = 3000 // COST
+QUOTA = 30_000 // COST
 
 WORKER = """
 import asyncio, sys
@@ -31,7 +32,7 @@ from llmserve.errors import RateLimited
 from llmserve.limits import Limiter, store_from_url
 
 async def main(url, state_dir, attempts):
-    tier = TierConfig(requests_per_minute=1000, tokens_per_minute=3000)
+    tier = TierConfig(requests_per_minute=100_000, tokens_per_minute=30_000)
     config = LimitsConfig(store=url, state_dir=Path(state_dir), tiers={"default": tier})
     limiter = Limiter(config, store_from_url(url, config.state_dir), lambda: 1741953600.0)
     await limiter.usage("warm-up", None, {})  # connect before the race starts

@@ -100,10 +100,12 @@ class Tmux:
 
     def wait_for(self, text: str, timeout: float = 15.0) -> str:
         deadline = time.monotonic() + timeout
+        previous = ""
         while time.monotonic() < deadline:
             screen = self.screen()
-            if text in screen:
+            if text in screen and screen == previous:  # the same twice: not caught mid-redraw
                 return screen
+            previous = screen
             time.sleep(0.05)
         raise AssertionError(f"{text!r} never appeared; screen:\n{self.screen()}")
 
@@ -128,6 +130,7 @@ def test_top_in_a_real_terminal_shows_the_servers_numbers(tmux: Tmux) -> None:
         tmux.wait_for("482.9 ms")  # TTFT p95 appears after the second scrape
         tmux.keys("Space")  # pause so the screen stays on these two scrapes
         screen = tmux.wait_for("PAUSED")
+        Path("/tmp/topscreen.txt").write_text(screen)
         assert "model smollm2" in screen and "health ok" in screen
         assert "85.0%" in screen and "5 / 64" in screen and "12 / 16" in screen
         assert "328.6 ms" in screen and "496.6 ms" in screen

@@ -375,7 +375,9 @@ class AdmissionQueue:
             self._cancel_timer()
             return
         due = heap[0][0]
-        if self._timer is not None and self._timer_due == due:
+        # A timer due no later than the head is kept even if its own entry went stale: when
+        # it fires, expire() finds nothing and re-arms. One timer per max_wait, not per request.
+        if self._timer is not None and self._timer_due <= due:
             return
         self._cancel_timer()
         delay = max(0.0, due - self._clock())

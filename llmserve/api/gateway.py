@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from llmserve.api import objects
+from llmserve.api.coalesce import Coalescer
 from llmserve.api.sse import SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.config import Config, TierConfig
@@ -229,9 +230,10 @@ class Gateway:
             include_usage=job.include_usage,
         )  # fmt: skip
         pending = encoder.role() if job.chat else b""
-        async for delta in self._deltas(request, job):
-            if delta.text:
-                await sse.write(pending + encoder.text(delta.text))
+        async for batch in Coalescer(self._deltas(request, job)).batches():
+            chunks = [encoder.text(delta.text) for delta in batch if delta.text]
+            if chunks:
+                await sse.write(pending + b"".join(chunks))
                 pending = b""
         tail = encoder.finish(job.finish_reason or "stop")
         if job.include_usage:

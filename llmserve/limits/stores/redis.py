@@ -25,9 +25,12 @@ from llmserve.limits.stores.base import ReserveOutcome, StoreUnavailable
 from llmserve.limits.windows import WindowCharge, refill
 
 DEFAULT_KEY_PREFIX = "llmserve:limits:"
-# A limiter must answer fast even when Redis does not: a request waits at most this long.
+# A limiter must answer fast even when Redis does not: a request waits at most this long for
+# a reply. Connecting gets longer: a burst opens the whole pool at once on a busy event loop.
 DEFAULT_TIMEOUT_SECONDS = 0.5
-DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 2.0
+# Redis runs scripts one at a time, so more connections add no throughput, only connects.
+DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_POOL_WAIT_SECONDS = 2.0
 # Kept a minute past the window's end so a late settlement still finds it.
 _FIXED_EXPIRY_MARGIN_MS = 60_000
@@ -53,7 +56,7 @@ class RedisStore:
             max_connections=DEFAULT_MAX_CONNECTIONS,
             timeout=DEFAULT_POOL_WAIT_SECONDS,
             socket_timeout=DEFAULT_TIMEOUT_SECONDS,
-            socket_connect_timeout=DEFAULT_TIMEOUT_SECONDS,
+            socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS,
             # Retry once, at once, on a dropped connection only (a pooled connection is stale
             # after a Redis restart); never after a timeout, which may have run the script.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),

@@ -1,0 +1,206 @@
+"""Gateway overhead: llmserve on the fake engine against a bare aiohttp server that calls the same
+fake engine directly (no auth, limits, queue, metrics). Each server runs in its own process pinned
+to CPU 0; this load generator runs pinned to CPU 1. The difference of the two latency
+distributions, measured in one run, is what the gateway adds.
+
+    .venv/bin/python benchmarks/gateway.py [--rate 1000] [--seconds 10] [--store memory|redis]
+
+Prints a table: requests/s achieved, p50/p99 latency of each server and their difference; SSE
+events/s of one stream at full speed; and rejection throughput (401, 429, 503).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.process import free_port, kill_group, wait_http  # noqa: E402
+
+BARE_SERVER = """
+import asyncio, json, sys
+from aiohttp import web
+from llmserve.engine.fake import FakeEngine
+from llmserve.engine.base import SamplingOptions
+engine = FakeEngine("fake", 4096)
+
+async def chat(request):
+    body = await request.json()
+    prompt = await engine.render_chat(body["messages"])
+    text, n = [], 0
+    async for d in engine.generate(prompt, SamplingOptions(max_tokens=body["max_tokens"]), "r"):
+        text.append(d.text); n += d.num_tokens
+    return web.json_response({"choices": [{"message": {"content": "".join(text)}}],
+                              "usage": {"completion_tokens": n}})
+
+async def start(app):
+    await engine.start()
+
+app = web.Application()
+app.router.add_post("/v1/chat/completions", chat)
+app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
+app.on_startup.append(start)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def llmserve_config(tmp: Path, port: int, store: str) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "engine": {"kind": "fake", "served_model_name": "fake", "max_model_len": 100000},
+        "auth": {"enabled": True, "keys": str(tmp / "keys")},
+        "limits": {"store": store, "state_dir": str(tmp / "limits"), "default_tier": "bench",
+                   "tiers": {"bench": {"requests_per_minute": 10_000_000,
+                                       "tokens_per_minute": 1_000_000_000},
+                             "tiny": {"requests_per_minute": 1}}},
+        "queue": {"max_depth": 10000, "max_concurrency": 10000},
+        "usage": {"ledger": str(tmp / "usage.jsonl")},
+        "logging": {"level": "warning", "access_log": False},
+    }  # fmt: skip
+    path = tmp / "bench.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def create_key(config: Path, tier: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "llmserve", "keys", "create", "--name", f"bench-{tier}",
+         "--tier", tier, "-c", str(config)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return next(w for w in out.stdout.split() if w.startswith("sk-"))
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], port: int):
+    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        kill_group(proc)
+
+
+async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: float,
+                    body: dict) -> tuple[list[float], dict[int, int]]:  # fmt: skip
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            start = time.perf_counter()
+            async with session.post(url, json=body, headers=headers) as resp:
+                await resp.read()
+            latencies.append(time.perf_counter() - start)
+            statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+        tasks = []
+        begin = time.perf_counter()
+        total = int(rate * seconds)
+        for i in range(total):
+            delay = begin + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return latencies, statuses
+
+
+async def closed_loop(url: str, headers: dict[str, str], concurrency: int, seconds: float,
+                      body: dict) -> tuple[int, dict[int, int]]:  # fmt: skip
+    statuses: dict[int, int] = {}
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                async with session.post(url, json=body, headers=headers) as resp:
+                    await resp.read()
+                statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sum(statuses.values()), statuses
+
+
+async def stream_events(url: str, headers: dict[str, str], tokens: int) -> float:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": tokens, "stream": True}  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        events = 0
+        async with session.post(url, json=body, headers=headers) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data:"):
+                    events += 1
+        return events / (time.perf_counter() - start)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+
+async def run(args: argparse.Namespace) -> None:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        bare_port, serve_port = free_port(), free_port()
+        config = llmserve_config(tmp, serve_port, args.store)
+        key = create_key(config, "bench")
+        tiny_key = create_key(config, "tiny")
+        auth = {"Authorization": f"Bearer {key}"}
+        results = {}
+        with server([sys.executable, "-c", BARE_SERVER, str(bare_port)], bare_port) as bare:
+            await open_loop(bare + "/v1/chat/completions", {}, args.rate, 1, body)  # warm up
+            results["bare"] = await open_loop(bare + "/v1/chat/completions", {}, args.rate,
+                                              args.seconds, body)  # fmt: skip
+        with server([sys.executable, "-m", "llmserve", "up", "-c", str(config)],
+                    serve_port) as url:  # fmt: skip
+            chat = url + "/v1/chat/completions"
+            await open_loop(chat, auth, args.rate, 1, body)  # warm up
+            results["llmserve"] = await open_loop(chat, auth, args.rate, args.seconds, body)
+            events = await stream_events(chat, auth, 50_000)
+            rejections = {
+                "401": await closed_loop(chat, {"Authorization": "Bearer sk-llms-nope"}, 64,
+                                         3, body),
+                "429": await closed_loop(chat, {"Authorization": f"Bearer {tiny_key}"}, 64,
+                                         3, body),
+            }  # fmt: skip
+    print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU 0, load generator to CPU 1")
+    print(f"open loop at {args.rate:.0f} req/s for {args.seconds:.0f}s, non-streaming, "
+          f"max_tokens=8, limiter store {args.store}")  # fmt: skip
+    print(f"{'server':<10} {'done':>7} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    for name, (lat, statuses) in results.items():
+        print(f"{name:<10} {len(lat):>7} {pct(lat, 50):>8.3f} {pct(lat, 99):>8.3f}  {statuses}")
+    (bare_lat, _), (ours, _) = results["bare"], results["llmserve"]
+    print(f"added by the gateway: p50 {pct(ours, 50) - pct(bare_lat, 50):+.3f} ms, "
+          f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms")  # fmt: skip
+    print(f"SSE events/s, one stream at full speed: {events:,.0f}")
+    for code, (count, statuses) in rejections.items():
+        print(f"rejections {code}: {count / 3:,.0f}/s  {statuses}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--store", default="memory://")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
