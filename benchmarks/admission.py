@@ -9,6 +9,7 @@ noisy). No engine: only the queue's own work and the event loop's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -31,10 +32,8 @@ async def rejection(count: int) -> None:
     queue = AdmissionQueue(1, 0, 30.0)
     queue.enqueue()
     for _ in range(count):
-        try:
+        with contextlib.suppress(ServiceUnavailable):
             queue.enqueue()
-        except ServiceUnavailable:
-            pass
 
 
 WORKERS = 72  # 8 in the slots, 64 waiting: a full queue at the default depth

@@ -1,15 +1,19 @@
 """Run `vllm bench serve` and `llmserve bench` with the same load against one llmserve instance
 and check that they agree within 5% on request throughput and median TTFT.
 
-    .venv/bin/python benchmarks/compare_vllm_bench.py            # starts `llmserve up` (fake engine)
-    .venv/bin/python benchmarks/compare_vllm_bench.py --base-url http://127.0.0.1:8000 --model m \
-        --tokenizer ./models/smollm2-135m-instruct               # an llmserve you started
+    .venv/bin/python benchmarks/compare_vllm_bench.py      # starts `llmserve up` (fake engine)
+    .venv/bin/python benchmarks/compare_vllm_bench.py --base-url http://127.0.0.1:8000 \
+        --model m --tokenizer ./models/smollm2-135m-instruct   # an llmserve you started
 
-vLLM's client needs a tokenizer; without --tokenizer a word-level one (w0 .. w4095, one token
-per word, exactly how the fake engine counts) is written to a temp dir and given to both tools,
-so both send prompts of the same token length. The chat endpoint is used because vLLM's
-completions client always sends `repetition_penalty`, a vLLM extension an OpenAI-exact server
-refuses. Exit code 0 when both figures agree within --tolerance, 1 otherwise.
+Both tools read the same ShareGPT-format file written here (prompts of --input-len words
+w0 w1 ..., fixed --output-len) and shuffle it identically for the same seed, so they send the
+same prompts in the same order. vLLM's client needs a tokenizer: without --tokenizer a
+word-level one (one token per word, exactly how the fake engine counts) is written to a temp
+dir and given to both. Why not vLLM's random dataset or completions endpoint: for `random`
+vLLM always adds `ignore_eos`, and its completions client always sends `repetition_penalty`;
+both are vLLM extensions that an OpenAI-exact server refuses with 400.
+
+Exit code 0 when request throughput and median TTFT agree within --tolerance, else 1.
 """
 
 from __future__ import annotations
@@ -86,10 +90,12 @@ def free_port() -> int:
 def wait_healthy(base_url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{base_url}/health", timeout=1) as response:
-                if response.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{base_url}/health", timeout=1) as response,
+        ):
+            if response.status == 200:
+                return
         time.sleep(0.2)
     raise SystemExit(f"llmserve at {base_url} did not become healthy in {timeout:.0f}s")
 
@@ -141,11 +147,24 @@ def word_tokenizer(directory: Path, size: int = 4096) -> Path:
     return directory
 
 
+def sharegpt_file(path: Path, num: int, input_len: int, output_len: int) -> Path:
+    """Distinct prompts of `input_len` words; replies of `output_len` words."""
+    entries = []
+    for i in range(num):
+        prompt = " ".join(f"w{(i * input_len + j) % 4096}" for j in range(input_len))
+        reply = " ".join(["w1"] * output_len)
+        turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]
+        entries.append({"id": str(i), "conversations": turns})
+    path.write_text(json.dumps(entries))
+    return path
+
+
 def common_args(args: argparse.Namespace, base_url: str, tokenizer: str) -> list[str]:
     return [
         "--base-url", base_url, "--endpoint", "/v1/chat/completions", "--model", args.model,
-        "--tokenizer", tokenizer, "--dataset-name", "random",
-        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--tokenizer", tokenizer, "--dataset-name", "sharegpt",
+        "--dataset-path", str(args.dataset_path),
+        "--sharegpt-output-len", str(args.output_len),
         "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
         "--request-rate", str(args.request_rate), "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -198,6 +217,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llmserve-compare-") as tmp:
         workdir = Path(tmp)
         tokenizer = args.tokenizer or str(word_tokenizer(workdir / "tokenizer"))
+        args.dataset_path = sharegpt_file(
+            workdir / "sharegpt.json", args.num_prompts, args.input_len, args.output_len
+        )
         with contextlib.ExitStack() as stack:
             base_url = args.base_url or stack.enter_context(llmserve_up(args, workdir))
             vllm_results, our_results = [], []

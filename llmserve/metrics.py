@@ -56,20 +56,11 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
 # fmt: on
 
 
-class Counter:
-    """A counter without labels (e.g. `limiter_store_errors.inc()`)."""
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
 class LabelledCounter:
     def __init__(self, name: str, doc: str, labelnames: Sequence[str]) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
         self.values: dict[tuple[str, ...], float] = {}
+        self._prefixes: dict[tuple[str, ...], str] = {}  # rendered once per label set
 
     def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + amount
@@ -79,6 +70,30 @@ class LabelledCounter:
         for labels, value in list(self.values.items()):
             family.add_metric(labels, value)
         return family
+
+    def lines(self, out: list[str]) -> None:
+        name = f"{self.name}_total"
+        out.append(f"# HELP {name} {self.doc}\n# TYPE {name} counter")
+        for labels, value in list(self.values.items()):
+            prefix = self._prefixes.get(labels)
+            if prefix is None:
+                prefix = self._prefixes[labels] = name + _label_text(self.labelnames, labels)
+            out.append(f"{prefix} {_number(value)}")
+
+
+class Counter:
+    """A counter without labels (e.g. `limiter_store_errors.inc()`)."""
+
+    def __init__(self, family: LabelledCounter) -> None:
+        self._family = family
+        family.values[()] = 0.0
+
+    @property
+    def value(self) -> float:
+        return self._family.values[()]
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._family.inc((), amount)
 
 
 class Histogram:
@@ -103,7 +118,7 @@ class Histogram:
             self.counts[i] += upto - below
             below = upto
         self.counts[-1] += len(ordered) - below
-        self.sum += math.fsum(ordered)
+        self.sum += sum(ordered)
 
     def cumulative(self) -> list[tuple[str, float]]:
         counts, total, out = list(self.counts), 0, []
@@ -117,6 +132,7 @@ class LabelledHistogram:
     def __init__(self, name: str, doc: str, labelnames: Sequence[str], bounds: Sequence[float]):
         self.name, self.doc, self.labelnames, self.bounds = name, doc, tuple(labelnames), bounds
         self.children: dict[tuple[str, ...], Histogram] = {}
+        self._prefixes: dict[tuple[str, ...], tuple[list[str], str, str]] = {}
 
     def child(self, labels: tuple[str, ...] = ()) -> Histogram:
         found = self.children.get(labels)
@@ -130,9 +146,52 @@ class LabelledHistogram:
             family.add_metric(labels, hist.cumulative(), hist.sum)
         return family
 
+    def lines(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.doc}\n# TYPE {self.name} histogram")
+        for labels, hist in list(self.children.items()):
+            buckets, count, total = self._prefixes_of(labels)
+            cumulative = 0
+            for prefix, n in zip(buckets, list(hist.counts), strict=True):
+                cumulative += n
+                out.append(f"{prefix} {cumulative}.0")
+            out.append(f"{count} {cumulative}.0")
+            out.append(f"{total} {_number(hist.sum)}")
+
+    def _prefixes_of(self, labels: tuple[str, ...]) -> tuple[list[str], str, str]:
+        found = self._prefixes.get(labels)
+        if found is None:
+            names = (*self.labelnames, "le")
+            buckets = [
+                f"{self.name}_bucket" + _label_text(names, (*labels, _bound_label(b)))
+                for b in (*self.bounds, math.inf)
+            ]
+            plain = _label_text(self.labelnames, labels)
+            found = (buckets, f"{self.name}_count{plain}", f"{self.name}_sum{plain}")
+            self._prefixes[labels] = found
+        return found
+
 
 def _bound_label(bound: float) -> str:
     return "+Inf" if bound == math.inf else repr(float(bound))
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    return "NaN" if value != value else repr(float(value))
+
+
+def _label_text(names: Sequence[str], values: Sequence[str]) -> str:
+    if not names:
+        return ""
+    pairs = (f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+    return "{" + ",".join(pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +281,10 @@ class Metrics:
         self.disconnects = c(
             "llmserve_client_disconnects", "Clients gone before their response ended.", ("route",)
         )
-        self.limiter_store_errors = Counter()
+        self.store_errors = c(
+            "llmserve_limiter_store_errors", "Limiter store operations that failed.", ()
+        )
+        self.limiter_store_errors = Counter(self.store_errors)
         h = LabelledHistogram
         self.ttft = h(
             "llmserve_time_to_first_token_seconds",
@@ -333,7 +395,15 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The /metrics body and its Content-Type: our series, then the default REGISTRY's."""
-        body = generate_latest(self._registry)
+        out: list[str] = []
+        for counter in self._counters():
+            counter.lines(out)
+        for hist in self._histograms():
+            hist.lines(out)
+        for family in self._gauge_families(describe=False):
+            _gauge_lines(family, out)
+        out.append("")
+        body = "\n".join(out).encode()
         if self._include_default:
             body += generate_latest(REGISTRY)
         return body, CONTENT_TYPE_LATEST
@@ -354,22 +424,20 @@ class Metrics:
         yield from self._families(describe=False)
 
     def _families(self, describe: bool) -> Iterator[Metric]:
-        for counter in (
-            self.requests,
-            self.tokens,
-            self.principal_requests,
-            self.principal_tokens,
-            self.rate_limited,
-            self.disconnects,
-        ):
+        for counter in self._counters():
             yield counter.family()
-        yield CounterMetricFamily(
-            "llmserve_limiter_store_errors",
-            "Limiter store operations that failed.",
-            value=self.limiter_store_errors.value,
-        )
-        for hist in (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead):
+        for hist in self._histograms():
             yield hist.family()
+        yield from self._gauge_families(describe)
+
+    def _counters(self) -> tuple[LabelledCounter, ...]:
+        return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
+                self.rate_limited, self.disconnects, self.store_errors)  # fmt: skip
+
+    def _histograms(self) -> tuple[LabelledHistogram, ...]:
+        return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead)
+
+    def _gauge_families(self, describe: bool) -> Iterator[Metric]:
         info = GaugeMetricFamily(
             "llmserve_info",
             "Server version and served model (value 1).",
@@ -413,6 +481,13 @@ def _bound_gauges(sources: dict[str, Callable[[], Any]], describe: bool) -> Iter
             if describe or stats is not None:
                 value = float(getattr(stats, attr)) if stats is not None else None
                 yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _gauge_lines(family: Metric, out: list[str]) -> None:
+    out.append(f"# HELP {family.name} {family.documentation}\n# TYPE {family.name} gauge")
+    for sample in family.samples:
+        labels = _label_text(tuple(sample.labels), tuple(sample.labels.values()))
+        out.append(f"{sample.name}{labels} {_number(sample.value)}")
 
 
 def _read(source: Callable[[], Any]) -> Any:

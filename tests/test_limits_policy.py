@@ -38,9 +38,7 @@ class FlakyStore:
         self._touch()
         return await self.inner.reserve(principal_id, charges, now)
 
-    async def adjust(
-        self, principal_id: str, charges: Sequence[WindowCharge], now: float
-    ) -> None:
+    async def adjust(self, principal_id: str, charges: Sequence[WindowCharge], now: float) -> None:
         self._touch()
         await self.inner.adjust(principal_id, charges, now)
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.redis_server import RedisServer, start_or_skip
 
 REPO = Path(__file__).resolve().parents[1]

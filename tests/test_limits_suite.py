@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from support.redis_server import RedisServer, start_or_skip
 
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited
 from llmserve.limits import Limiter, Store
 from llmserve.limits.stores.memory import MemoryStore
 from llmserve.limits.stores.redis import RedisStore
-from support.redis_server import RedisServer, start_or_skip
 
 NOON = float(calendar.timegm((2025, 3, 14, 12, 0, 0)))
 _prefixes = itertools.count()
@@ -310,4 +310,3 @@ async def test_a_fresh_principal_has_empty_windows(
         (0, 1000, 0.0),
         (0, 5000, 0.0),
     ]
-

@@ -239,3 +239,28 @@ def test_two_metrics_objects_on_fresh_registries_do_not_share_state() -> None:
     assert (
         reg2.get_sample_value("llmserve_principal_requests_total", {"principal": "key_a"}) is None
     )
+
+
+def test_fast_render_says_exactly_what_prometheus_client_would() -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics, reg = make_metrics(gpus=[GpuSample(0, 0.5, 1, 2)])
+    metrics.bind(queue_depth=lambda: 1, in_flight=lambda: 2, concurrency_limit=lambda: 3,
+                 engine_stats=lambda: EngineStats(0.25, 2, 1), model='q"uo\\te\nd')  # fmt: skip
+    metrics.observe(chat(principal_id='we"ird\\key\n', prompt_tokens=3, ttft_seconds=0.2,
+                         total_seconds=0.3, inter_token_seconds=[0.01, 0.2]))  # fmt: skip
+    metrics.observe(chat(route="completions", status=429, rejected_by="tokens_per_day"))
+    metrics.limiter_store_errors.inc()
+
+    def samples(text: str) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    ours = metrics.render()[0].decode()
+    reference = generate_latest(reg).decode()
+    assert samples(ours) == samples(reference)
+    assert len(samples(ours)) > 100

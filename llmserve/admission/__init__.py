@@ -1,9 +1,11 @@
 """Admission control: a bounded queue in front of the engine, with deadlines and tier priority.
 
     queue = AdmissionQueue.from_config(config, observer=metrics)
-    ticket = queue.enqueue(priority=tier.priority, tokens=prompt + max_tokens, deadline=d)
+    header = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    deadline = request_deadline(header, config.queue.default_timeout_seconds, queue.clock())
+    ticket = queue.enqueue(priority=tier.priority, tokens=prompt + max_tokens, deadline=deadline)
     while not await ticket.wait(timeout=heartbeat):   # streaming: heartbeat while queued
-        send(f": queued position={ticket.position} eta_ms=...")
+        send(f": queued position={ticket.position} eta_ms=...")  # eta_seconds may be None
     try: ... generate ...
     finally: ticket.release()
 
@@ -15,13 +17,16 @@ Errors raised (all APIError, rendered by the error middleware):
 """
 
 from llmserve.admission.clock import ManualClock
+from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.admission.drain import DrainRate, retry_after_seconds
 from llmserve.admission.errors import DeadlineExceeded
 from llmserve.admission.fairness import FairQueue, default_weight
 from llmserve.admission.observer import AdmissionObserver, NullObserver, RejectReason
-from llmserve.admission.queue import AdmissionQueue, Slot, Ticket, TicketState
+from llmserve.admission.queue import AdmissionQueue
+from llmserve.admission.ticket import Slot, Ticket, TicketState
 
 __all__ = [
+    "REQUEST_TIMEOUT_HEADER",
     "AdmissionObserver",
     "AdmissionQueue",
     "DeadlineExceeded",
@@ -34,5 +39,6 @@ __all__ = [
     "Ticket",
     "TicketState",
     "default_weight",
+    "request_deadline",
     "retry_after_seconds",
 ]

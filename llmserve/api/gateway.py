@@ -38,6 +38,7 @@ from llmserve.errors import (
     retry_after_header,
 )
 from llmserve.records import RequestRecord
+from llmserve.request_state import RECORD, STARTED
 
 log = logging.getLogger("llmserve.gateway")
 
@@ -144,7 +145,7 @@ class Gateway:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self, request: web.Request, job: Job) -> web.StreamResponse:
-        record: RequestRecord = request["record"]
+        record: RequestRecord = request[RECORD]
         record.prompt_tokens = job.prompt.num_tokens
         reservation = await self._reserve(job)
         headers = dict(getattr(reservation, "headers", None) or {})
@@ -204,7 +205,7 @@ class Gateway:
                 raise error from None
             await self._write_error(request, sse, error)
         except ConnectionError:
-            request["record"].disconnected = True
+            request[RECORD].disconnected = True
         finally:
             await sse.close()
         return sse.response
@@ -220,7 +221,7 @@ class Gateway:
         return exc
 
     async def _write_error(self, request: web.Request, sse: SSEStream, error: APIError) -> None:
-        request["record"].error_code = error.code
+        request[RECORD].error_code = error.code
         with contextlib.suppress(ConnectionError, RuntimeError):
             await sse.write(objects.sse_event(error.body()))
 
@@ -242,9 +243,9 @@ class Gateway:
 
     async def _deltas(self, request: web.Request, job: Job) -> AsyncIterator[Delta]:
         """Engine deltas, with the timing and token accounting every response needs."""
-        record: RequestRecord = request["record"]
+        record: RequestRecord = request[RECORD]
         loop = asyncio.get_running_loop()
-        t0: float = request["t0"]
+        t0: float = request[STARTED]
         gen = self.engine.generate(job.prompt, job.options, job.response_id)
         job.engine_started = True
         last: float | None = None
@@ -302,7 +303,7 @@ class Gateway:
             await ticket.wait()
         finally:
             waited = loop.time() - start
-            request["record"].queue_wait_seconds = waited
+            request[RECORD].queue_wait_seconds = waited
             if sse is not None:
                 sse.comment = lambda: "keep-alive"
                 sse.set_header("X-Queue-Wait-Ms", str(int(waited * 1000)))

@@ -12,6 +12,7 @@ from llmserve.api.gateway import Gateway, Job
 from llmserve.api.schemas import ChatCompletionRequest, CompletionRequest, parse_request
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import Prompt
+from llmserve.request_state import PRINCIPAL, RECORD
 from llmserve.server.keys import GATEWAY
 
 
@@ -36,8 +37,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _begin(request: web.Request) -> tuple[Gateway, Principal]:
     gateway = request.app[GATEWAY]
     gateway.check_engine()
-    principal: Principal = request["principal"]
-    request["record"].principal_id = principal.id
+    principal: Principal = request[PRINCIPAL]
+    request[RECORD].principal_id = principal.id
     return gateway, principal
 
 
@@ -46,13 +47,13 @@ async def _body(request: web.Request, gateway: Gateway) -> bytes:
 
 
 def _note_model(request: web.Request, model: str) -> None:
-    request["record"].model = model
+    request[RECORD].model = model
 
 
 def _job(request: web.Request, gateway: Gateway, principal: Principal, params: Any,
          prompt: Prompt, *, chat: bool) -> Job:  # fmt: skip
     tier_name, tier = gateway.tier_of(principal)
-    request["record"].tier = tier_name
+    request[RECORD].tier = tier_name
     options = gateway.sampling_options(params, prompt, tier, params.output_limit)
     return Job(
         chat=chat,

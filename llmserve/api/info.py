@@ -9,12 +9,13 @@ from aiohttp import web
 from llmserve.api import objects
 from llmserve.engine.base import EngineUnavailable
 from llmserve.errors import NotFound, ServiceUnavailable, retry_after_header
+from llmserve.request_state import PRINCIPAL
 from llmserve.server.keys import GATEWAY, LIFECYCLE, METRICS
 
 
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    principal = request["principal"]
+    principal = request[PRINCIPAL]
     visible = [m for m in [gateway.engine.model_name] if principal.may_use(m)]
     return web.json_response(objects.model_list(visible, _created(request)))
 
@@ -22,7 +23,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     model = request.match_info["model"]
-    if model != gateway.engine.model_name or not request["principal"].may_use(model):
+    if model != gateway.engine.model_name or not request[PRINCIPAL].may_use(model):
         raise NotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
             code="model_not_found", param="model",

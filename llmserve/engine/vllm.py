@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -56,6 +57,7 @@ class VLLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
         self._llm: Any = None
+        self._built: Any = None  # handed from the start-up thread to start()
         self._vllm: Any = None  # the vllm names we use, bound at start()
         self._tokenizer: Any = None
         self._launch: EngineLaunch | None = None
@@ -63,6 +65,7 @@ class VLLMEngine:
         self._sink = StatsSink()
         self._dead: BaseException | None = None
         self._closed = False
+        self._lock = threading.Lock()  # orders close() against a start-up thread
         self.start_seconds: float | None = None
 
     @property
@@ -86,10 +89,13 @@ class VLLMEngine:
         if self._llm is not None:
             return
         began = time.monotonic()
-        llm = await asyncio.to_thread(self._build)
-        self._llm = llm
+        # The result comes back through an attribute, not the thread's future: an idle worker
+        # thread keeps its last future alive, and with it the engine after close().
+        await asyncio.to_thread(self._build)
+        llm, self._built = self._built, None
         self._tokenizer = llm.get_tokenizer()
         self._sampling_defaults = _sampling_defaults(llm)
+        self._llm = llm  # last: check_health passes only once everything above is set
         self.start_seconds = time.monotonic() - began
         log.info(
             "vLLM engine ready: model %s on %s in %.1f s",
@@ -98,7 +104,7 @@ class VLLMEngine:
             self.start_seconds,
         )
 
-    def _build(self) -> Any:
+    def _build(self) -> None:
         _check_model_exists(self._config.model)
         for name, value in BASE_ENV.items():
             os.environ.setdefault(name, value)
@@ -109,7 +115,7 @@ class VLLMEngine:
         self._launch = launch
         try:
             args = self._vllm.AsyncEngineArgs(**launch.engine_args)
-            return self._vllm.AsyncLLM.from_engine_args(
+            llm = self._vllm.AsyncLLM.from_engine_args(
                 args, stat_loggers=[stat_logger_factory(self._sink)]
             )
         except Exception as exc:
@@ -117,15 +123,22 @@ class VLLMEngine:
             raise EngineStartError(
                 f"vLLM could not start model {self._config.model!r}: {exc}"
             ) from exc
+        with self._lock:
+            if not self._closed:
+                self._built = llm
+                return
+        # close() came while loading (e.g. SIGTERM during start-up): leave nothing running.
+        _shutdown(llm)
+        raise EngineUnavailable("engine was shut down during start-up")
 
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
         llm, self._llm = self._llm, None
         if llm is not None:
-            # Synchronous: stops the engine-core process and waits for it; nothing is left.
-            llm.shutdown()
+            _shutdown(llm)
 
     # -- health -------------------------------------------------------------------------------
 
@@ -248,7 +261,7 @@ class VLLMEngine:
                 ignore_eos=bool(getattr(options, "ignore_eos", False)),
                 output_kind=self._vllm.RequestOutputKind.DELTA,
             )
-        except ValueError as exc:  # vLLM's own range checks (e.g. top_p in (0, 1])
+        except (ValueError, self._vllm.VLLMValidationError) as exc:  # vLLM's range checks
             raise InvalidRequest(str(exc)) from None
 
     def _priority(self, options: SamplingOptions) -> dict[str, int]:
@@ -290,6 +303,32 @@ def _check_model_exists(model: str) -> None:
         raise EngineStartError(f"engine.model: no model directory at {model}{hint}")
 
 
+def _engine_core_processes(llm: Any) -> list[Any]:
+    """The engine-core processes (multiprocessing.Process) of `llm`: vLLM internals, read here
+    only, so that close() can make sure they are gone."""
+    resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return list(getattr(manager, "processes", None) or [])
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop the engine and make sure its engine-core processes are gone (synchronous)."""
+    processes = _engine_core_processes(llm)
+    llm.shutdown()  # SIGTERM, up to 5 s of grace, then SIGKILL without waiting
+    _reap(processes)
+
+
+def _reap(processes: list[Any], timeout: float = 10.0) -> None:
+    # vLLM's SIGKILL fallback does not wait for the process: join so no zombie or straggler is
+    # left when close() returns.
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            log.warning("engine core %s did not exit; killing it", process.pid)
+            process.kill()
+            process.join(timeout)
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -305,6 +344,7 @@ def _engine_arg_names() -> set[str]:
 def _import_vllm() -> SimpleNamespace:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.exceptions import VLLMValidationError
     from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -317,4 +357,5 @@ def _import_vllm() -> SimpleNamespace:
         RequestOutputKind=RequestOutputKind,
         SamplingParams=SamplingParams,
         tokens_input=tokens_input,
+        VLLMValidationError=VLLMValidationError,
     )

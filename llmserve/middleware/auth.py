@@ -10,8 +10,8 @@ from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.permissions import ensure_admin
 from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import ServerConfig
+from llmserve.request_state import PRINCIPAL
 
-PRINCIPAL_KEY = "principal"  # request[PRINCIPAL_KEY] is the caller's Principal
 ADMIN_PATHS = frozenset({"/metrics", "/ready"})
 
 
@@ -32,23 +32,23 @@ def _route_path(request: web.Request) -> str:
 
 
 def request_principal(request: web.Request) -> Principal:
-    return request[PRINCIPAL_KEY]
+    return request[PRINCIPAL]
 
 
 def auth_middleware(authenticator: Authenticator, server: ServerConfig) -> Middleware:
-    """Sets request["principal"]; raises AuthenticationFailed (401) / PermissionDenied (403)."""
+    """Sets request[PRINCIPAL]; raises AuthenticationFailed (401) / PermissionDenied (403)."""
     open_paths = public_paths(server)
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = _route_path(request)
         if path in open_paths:
-            request[PRINCIPAL_KEY] = ANONYMOUS
+            request[PRINCIPAL] = ANONYMOUS
             return await handler(request)
         principal = authenticator.authenticate(request.headers)
         if path in ADMIN_PATHS:
             ensure_admin(principal)
-        request[PRINCIPAL_KEY] = principal
+        request[PRINCIPAL] = principal
         return await handler(request)
 
     return auth

@@ -15,6 +15,7 @@ from llmserve.errors import ServiceUnavailable
 from llmserve.logs import request_id_var
 from llmserve.middleware.errors import error_response
 from llmserve.records import RequestRecord
+from llmserve.request_state import RECORD, STARTED
 from llmserve.server.keys import LEDGER, LIFECYCLE, METRICS
 
 access_log = logging.getLogger("llmserve.access")
@@ -50,8 +51,8 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id_var.set(request_id)
     record = RequestRecord(request_id=request_id, route=route_of(request.path),
                            started_at=time.time())  # fmt: skip
-    request["record"] = record
-    request["t0"] = asyncio.get_running_loop().time()
+    request[RECORD] = record
+    request[STARTED] = asyncio.get_running_loop().time()
     lifecycle = request.app[LIFECYCLE]
     task = asyncio.current_task()
     assert task is not None
@@ -74,7 +75,7 @@ async def _handle(request: web.Request, handler: Handler, draining: bool) -> web
             "The server is shutting down; retry on another instance.", code="shutting_down",
             headers={"Retry-After": "1", "Connection": "close"},
         )  # fmt: skip
-        request["record"].error_code = error.code
+        request[RECORD].error_code = error.code
         response: web.StreamResponse = error_response(error)
     else:
         response = await handler(request)
@@ -83,14 +84,14 @@ async def _handle(request: web.Request, handler: Handler, draining: bool) -> web
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare hook: every response, streamed or not, names its request."""
-    record = request.get("record")
+    record = request.get(RECORD)
     if record is not None:
         response.headers["X-Request-Id"] = record.request_id
 
 
 def _finish(request: web.Request, record: RequestRecord,
             response: web.StreamResponse | None) -> None:  # fmt: skip
-    record.total_seconds = asyncio.get_running_loop().time() - request["t0"]
+    record.total_seconds = asyncio.get_running_loop().time() - request[STARTED]
     record.status = response.status if response is not None and not record.disconnected else 499
     metrics = request.app.get(METRICS)
     if metrics is not None:

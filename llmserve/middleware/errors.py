@@ -14,6 +14,7 @@ from llmserve.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from llmserve.request_state import RECORD
 
 log = logging.getLogger("llmserve.errors")
 
@@ -36,7 +37,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         _note(request, api_error)
         return error_response(api_error)
     except ConnectionError:
-        request["record"].disconnected = True  # the client went away: nobody to answer
+        request[RECORD].disconnected = True  # the client went away: nobody to answer
         raise
     except Exception as exc:
         return _internal(request, exc)
@@ -53,7 +54,7 @@ def _internal(request: web.Request, exc: Exception) -> web.Response:
 
 
 def _note(request: web.Request, exc: APIError) -> None:
-    record = request.get("record")
+    record = request.get(RECORD)
     if record is not None:
         record.error_code = exc.code
         record.rejected_by = getattr(exc, "limit", None)

@@ -13,17 +13,20 @@ from aiohttp.typedefs import Handler
 
 from llmserve.api import generation, info
 from llmserve.api.gateway import Gateway
-from llmserve.auth.principal import ANONYMOUS
+from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import Config
 from llmserve.engine.base import Engine
 from llmserve.middleware.context import add_request_id, context_middleware
 from llmserve.middleware.errors import error_middleware
+from llmserve.request_state import PRINCIPAL
 from llmserve.server.keys import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
 from llmserve.server.lifecycle import Lifecycle
 
 log = logging.getLogger("llmserve.server")
+ADMIN = Principal(id="admin-port", kind="anonymous", admin=True)
 
 ENGINE_START = web.AppKey("engine_start", asyncio.Task)
+MAX_HEADER_BYTES = 128 * 1024
 
 
 def build_app(
@@ -41,7 +44,11 @@ def build_app(
     middlewares: list[Any] = [context_middleware, error_middleware]
     middlewares.append(auth_middleware or anonymous_principal)
     app = web.Application(
-        middlewares=middlewares, client_max_size=int(config.server.max_body_bytes)
+        middlewares=middlewares,
+        client_max_size=int(config.server.max_body_bytes),
+        # aiohttp answers a header over its default 8 KiB itself, quoting its first bytes (which
+        # may hold a key); a larger cap lets such a request reach auth and get a clean 401.
+        handler_args={"max_field_size": MAX_HEADER_BYTES},
     )
     app[CONFIG] = config
     app[GATEWAY] = Gateway(config, engine, limiter=limiter, admission=admission)
@@ -51,6 +58,18 @@ def build_app(
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_engine_context)
     add_routes(app)
+    return app
+
+
+def build_admin_app(main: web.Application) -> web.Application:
+    """/metrics, /ready and /health without credentials, for a listener bound to localhost."""
+    app = web.Application(middlewares=[context_middleware, error_middleware, admin_principal])
+    for key in (CONFIG, GATEWAY, LIFECYCLE, METRICS, LEDGER):
+        app[key] = main[key]  # type: ignore[index]
+    app.on_response_prepare.append(add_request_id)
+    app.router.add_get("/health", info.health)
+    app.router.add_get("/ready", info.ready)
+    app.router.add_get("/metrics", info.metrics)
     return app
 
 
@@ -67,7 +86,14 @@ def add_routes(app: web.Application) -> None:
 @web.middleware
 async def anonymous_principal(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With auth disabled every caller is the same anonymous principal."""
-    request["principal"] = ANONYMOUS
+    request[PRINCIPAL] = ANONYMOUS
+    return await handler(request)
+
+
+@web.middleware
+async def admin_principal(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin listener is bound to localhost: whoever reaches it is the operator."""
+    request[PRINCIPAL] = ADMIN
     return await handler(request)
 
 

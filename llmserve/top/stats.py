@@ -19,7 +19,7 @@ LATENCIES = (  # (row title, histogram name)
     ("TTFT", "llmserve_time_to_first_token_seconds"),
     ("inter-token", "llmserve_inter_token_latency_seconds"),
     ("queue wait", "llmserve_queue_wait_seconds"),
-    ("gateway overhead", "llmserve_gateway_overhead_seconds"),
+    ("overhead", "llmserve_gateway_overhead_seconds"),
 )
 GENERATION_ROUTES = ("chat", "completions")
 HISTORY_SECONDS = 60.0

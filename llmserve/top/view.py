@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -15,10 +16,15 @@ from llmserve.top.stats import QUANTILES, History, Point, Snapshot, summarize
 
 KV_WARN, KV_CRITICAL = 0.80, 0.92  # KV cache: yellow from 80%, red from 92% (preemption nears)
 QUEUE_WARN, QUEUE_CRITICAL = 0.50, 0.90  # queue depth against its limit
-BAR_WIDTH = 24
-SPARK_WIDTH = 60
+BAR_WIDTH = 12
+SPARK_WIDTH = 16
+MAX_PRINCIPAL_ROWS = 5
 SPARKS = "▁▂▃▄▅▆▇█"
 KEYS_HELP = "q quit · space pause · +/- interval"
+# Borderless tables keep the whole dashboard inside an 80x24 terminal.
+_TABLE = dict(
+    box=box.SIMPLE_HEAD, title_justify="left", title_style="bold", expand=True, padding=(0, 1)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +57,7 @@ def render_dashboard(state: ViewState) -> RenderableType:
     snap = state.snapshot
     if snap is not None:
         parts.append(_side_by_side(_gauges(snap), _sparklines(state.history, snap)))
-        parts.append(_side_by_side(_latency_table(snap), _admission_table(snap)))
+        parts.append(_side_by_side(_latency_table(snap), _admission_table(snap), (4, 3)))
         parts.append(_principals_table(snap))
     elif state.error is None:
         parts.append(Text("waiting for a second scrape to compute rates...", style="dim"))
@@ -85,10 +91,12 @@ def _health(state: ViewState) -> Text:
     return Text("ok", "bold green")
 
 
-def _side_by_side(left: RenderableType, right: RenderableType) -> Table:
+def _side_by_side(
+    left: RenderableType, right: RenderableType, ratios: tuple[int, int] = (1, 1)
+) -> Table:
     grid = Table.grid(expand=True, padding=(0, 1))
-    grid.add_column(ratio=1)
-    grid.add_column(ratio=1)
+    grid.add_column(ratio=ratios[0])
+    grid.add_column(ratio=ratios[1])
     grid.add_row(left, right)
     return grid
 
@@ -118,32 +126,32 @@ def _gauges(snap: Snapshot) -> Panel:
 def _sparklines(history: Sequence[Point], snap: Snapshot) -> Panel:
     grid = Table.grid(padding=(0, 1))
     rows = (
-        ("requests/s", [p.requests_per_second for p in history], snap.requests_per_second),
-        ("tokens/s", [p.tokens_per_second for p in history], snap.completion_tokens_per_second),
+        ("req/s", [p.requests_per_second for p in history], snap.requests_per_second),
+        ("tok/s", [p.tokens_per_second for p in history], snap.completion_tokens_per_second),
         ("TTFT p95", [p.ttft_p95 for p in history], snap.latencies["TTFT"][1]),
         ("queue", [p.queue_depth for p in history], snap.queue_depth),
     )
     for title, values, now in rows:
         shown = format_seconds(now) if title == "TTFT p95" else format_rate(now)
-        grid.add_row(title, Text(sparkline(values, SPARK_WIDTH // 2), "cyan"), shown)
+        grid.add_row(title, Text(sparkline(values, SPARK_WIDTH), "cyan"), shown)
     return Panel(grid, title="last minute", title_align="left")
 
 
 def _latency_table(snap: Snapshot) -> Table:
-    table = Table(title=f"latency, last {snap.seconds:.1f}s", title_justify="left", expand=True)
-    table.add_column("")
+    table = Table(title=f"latency, last {snap.seconds:.1f}s", **_TABLE)
+    table.add_column("", no_wrap=True)
     for q in QUANTILES:
-        table.add_column(f"p{q * 100:g}", justify="right")
+        table.add_column(f"p{q * 100:g}", justify="right", no_wrap=True)
     for title, values in snap.latencies.items():
         table.add_row(title, *(format_seconds(v) for v in values))
     return table
 
 
 def _admission_table(snap: Snapshot) -> Table:
-    table = Table(title="admission", title_justify="left", expand=True)
-    table.add_column("")
-    table.add_column(f"last {snap.seconds:.1f}s", justify="right")
-    table.add_column("total", justify="right")
+    table = Table(title="admission", **_TABLE)
+    table.add_column("", no_wrap=True)
+    table.add_column("recent", justify="right", no_wrap=True)
+    table.add_column("total", justify="right", no_wrap=True)
     for limit, (recent, total) in snap.rejected_by_limit.items():
         table.add_row(f"429 {limit}", _count(recent), _count(total), style=_alert(recent))
     recent_503, total_503 = snap.unavailable
@@ -158,11 +166,11 @@ def _admission_table(snap: Snapshot) -> Table:
 
 
 def _principals_table(snap: Snapshot) -> Table:
-    table = Table(title="busiest principals", title_justify="left", expand=True)
+    table = Table(title="busiest principals", **_TABLE)
     table.add_column("principal")
     table.add_column("tokens/s", justify="right")
     table.add_column("requests/s", justify="right")
-    for p in snap.principals:
+    for p in snap.principals[:MAX_PRINCIPAL_ROWS]:
         table.add_row(p.name, format_rate(p.tokens_per_second), format_rate(p.requests_per_second))
     if not snap.principals:
         table.add_row(Text("no traffic", "dim"), "", "")
@@ -225,8 +233,10 @@ def format_seconds(value: float | None) -> str:
         return "-"
     if value < 0.001:
         return f"{value * 1e6:.0f} µs"
-    if value < 1:
+    if value < 0.1:
         return f"{value * 1e3:.1f} ms"
+    if value < 1:
+        return f"{value * 1e3:.0f} ms"
     return f"{value:.2f} s"
 
 

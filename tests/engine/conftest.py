@@ -58,9 +58,16 @@ def tiny_engine_config(model_dir: Path, **overrides: object):  # -> EngineConfig
 
 
 def child_pids() -> set[int]:
+    """Our child processes, except multiprocessing's resource tracker (one per process, started
+    by the first engine, exits with its parent)."""
     import psutil
 
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                pids.add(child.pid)
+    return pids
 
 
 def describe(pids: list[int]) -> list[str]:

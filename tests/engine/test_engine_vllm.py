@@ -63,7 +63,9 @@ async def test_chat_is_rendered_with_the_template_and_counted_like_vllm_does(tin
 
 
 async def test_text_content_parts_render_like_plain_text(tiny_engine) -> None:
-    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
     plain = [{"role": "user", "content": "a\nb"}]
     assert (await tiny_engine.render_chat(parts)).token_ids == (
         await tiny_engine.render_chat(plain)
@@ -186,8 +188,9 @@ async def test_too_long_prompt_is_refused_before_the_engine_sees_it(tiny_engine)
 
 async def test_seeded_requests_of_many_lengths_never_hurt_the_engine(tiny_engine) -> None:
     lengths = [1, 17, 130, 255, 400, 480, 490, 500]
-    prompts = [Prompt(text=None, token_ids=[7 + i % 50 for i in range(n)], num_tokens=n)
-               for n in lengths]
+    prompts = [
+        Prompt(text=None, token_ids=[7 + i % 50 for i in range(n)], num_tokens=n) for n in lengths
+    ]
     options = SamplingOptions(max_tokens=8, temperature=1.0, seed=1234)
     # All at once: together they exceed one batch, the case that crashes a chunking CPU engine.
     results = await asyncio.gather(
@@ -205,9 +208,7 @@ async def test_a_seed_reproduces_its_output(tiny_engine) -> None:
         options = ExactOptions(max_tokens=16, temperature=1.0, seed=seed)
         return (await collect(tiny_engine, prompt, options, rid)).text
 
-    first, again, other = await asyncio.gather(
-        sample(42, "r1"), sample(42, "r2"), sample(43, "r3")
-    )
+    first, again, other = await asyncio.gather(sample(42, "r1"), sample(42, "r2"), sample(43, "r3"))
     assert first == again
     assert first != other
 

@@ -11,6 +11,7 @@ test even if the server forked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,10 +83,8 @@ class RedisServer:
         """SIGKILL the server's process group: like a crash, nothing is flushed."""
         if self._process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self._process.wait(timeout=10)
         self._process = None
 

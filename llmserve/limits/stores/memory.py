@@ -1,15 +1,20 @@
-"""In-process store: a dict, optionally persisted to a diskcache so a restart keeps usage.
+"""In-process store: a dict, with day/month usage persisted to a diskcache across restarts.
 
 Atomic because the asyncio loop runs one coroutine at a time and no method awaits between
 reading and writing. Per process: two servers with memory stores each admit a full quota.
 
 State per (principal, window): a bucket is (used, last update), a fixed window is
-(window id, used). Changed entries are written to disk at most every `flush_seconds`
-(0: on every change) and on close, so a crash loses at most that much usage.
+(window id, used). Only fixed windows are persisted (a minute bucket is empty again a minute
+after a restart). Changed ones are written at most every `flush_seconds`, by a worker thread
+so the event loop never waits for the disk (a thousand active keys take tens of ms to
+write), and on close: a crash loses at most the last `flush_seconds` of day/month usage.
+`flush_seconds=0` writes synchronously on every change.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +22,14 @@ from pathlib import Path
 import diskcache
 
 from llmserve.limits.stores.base import ReserveOutcome
-from llmserve.limits.windows import WindowCharge, bucket_drain_seconds, fits, refill
+from llmserve.limits.windows import WindowCharge, fits, refill
+
+log = logging.getLogger("llmserve.limits")
 
 _Key = tuple[str, str]
 _State = tuple[float, float]
-# Kept on disk a little past the moment it stops mattering, for late settlements.
+_Batch = dict[_Key, tuple[_State, float]]  # key -> (state, seconds to keep it on disk)
+# Kept on disk a little past the end of its window, for late settlements.
 _EXPIRY_MARGIN_SECONDS = 60.0
 
 
@@ -29,9 +37,15 @@ class MemoryStore:
     def __init__(self, state_dir: Path | None = None, flush_seconds: float = 1.0) -> None:
         self._state: dict[_Key, _State | None] = {}
         self._dirty: dict[_Key, float] = {}  # key -> seconds it must outlive on disk
-        self._disk = diskcache.Cache(str(state_dir)) if state_dir is not None else None
+        # eviction "none": usage must never be dropped to save space; expiry still cleans up.
+        self._disk = (
+            diskcache.Cache(str(state_dir), eviction_policy="none")
+            if state_dir is not None
+            else None
+        )
         self._flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
+        self._writing: asyncio.Future[None] | None = None
 
     async def reserve(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float
@@ -46,7 +60,7 @@ class MemoryStore:
 
     async def adjust(self, principal_id: str, charges: Sequence[WindowCharge], now: float) -> None:
         for charge in charges:
-            state = self._read((principal_id, charge.name))
+            state = self._read(principal_id, charge)
             if charge.kind == "fixed" and (state is None or state[0] != charge.window_id):
                 continue  # the reserved window is over: nothing left to correct
             if charge.kind == "bucket" and state is None and charge.cost <= 0:
@@ -61,33 +75,49 @@ class MemoryStore:
         return tuple(self._used(principal_id, c, now) for c in charges)
 
     async def close(self) -> None:
-        if self._disk is not None:
-            self.flush()
-            self._disk.close()
-            self._disk = None
-
-    def flush(self) -> None:
-        """Write changed windows to disk now."""
-        if self._disk is None or not self._dirty:
+        if self._disk is None:
             return
-        with self._disk.transact():
-            for key, keep_seconds in self._dirty.items():
-                self._disk.set(key, self._state[key], expire=keep_seconds)
-        self._dirty.clear()
-        self._last_flush = time.monotonic()
+        if self._writing is not None:
+            await self._writing
+        self._write_batch(self._take_dirty())
+        self._disk.close()
+        self._disk = None
 
     def _maybe_flush(self) -> None:
-        if time.monotonic() - self._last_flush >= self._flush_seconds:
-            self.flush()
+        if self._disk is None or not self._dirty:
+            return
+        if self._writing is not None and not self._writing.done():
+            return  # one write at a time, so an older batch never lands after a newer one
+        if self._flush_seconds <= 0:
+            self._write_batch(self._take_dirty())
+        elif time.monotonic() - self._last_flush >= self._flush_seconds:
+            loop = asyncio.get_running_loop()
+            self._writing = loop.run_in_executor(None, self._write_batch, self._take_dirty())
+            self._writing.add_done_callback(_log_write_failure)
 
-    def _read(self, key: _Key) -> _State | None:
+    def _take_dirty(self) -> _Batch:
+        batch = {key: (self._state[key], keep) for key, keep in self._dirty.items()}
+        self._dirty = {}
+        self._last_flush = time.monotonic()
+        return batch  # type: ignore[return-value]  # dirty keys always have a state
+
+    def _write_batch(self, batch: _Batch) -> None:
+        if self._disk is None or not batch:
+            return
+        with self._disk.transact():
+            for key, (state, keep_seconds) in batch.items():
+                self._disk.set(key, state, expire=keep_seconds)
+
+    def _read(self, principal_id: str, charge: WindowCharge) -> _State | None:
+        key = (principal_id, charge.name)
         if key not in self._state:
             # First sight of this window in this process: take what a previous run left.
-            self._state[key] = self._disk.get(key) if self._disk is not None else None
+            persisted = charge.kind == "fixed" and self._disk is not None
+            self._state[key] = self._disk.get(key) if persisted else None  # type: ignore[union-attr]
         return self._state[key]
 
     def _used(self, principal_id: str, charge: WindowCharge, now: float) -> float:
-        state = self._read((principal_id, charge.name))
+        state = self._read(principal_id, charge)
         if state is None:
             return 0.0
         if charge.kind == "bucket":
@@ -100,9 +130,12 @@ class MemoryStore:
             previous = self._state.get(key)
             last = max(now, previous[1]) if previous is not None else now
             self._state[key] = (used, last)
-            keep = bucket_drain_seconds(used, charge.rate)
-        else:
-            self._state[key] = (float(charge.window_id), used)
-            keep = charge.window_end - now
+            return
+        self._state[key] = (float(charge.window_id), used)
         if self._disk is not None:
-            self._dirty[key] = max(0.0, keep) + _EXPIRY_MARGIN_SECONDS
+            self._dirty[key] = max(0.0, charge.window_end - now) + _EXPIRY_MARGIN_SECONDS
+
+
+def _log_write_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not persist limiter usage: %s", future.exception())

@@ -10,6 +10,7 @@ after a Redis restart it reloads the scripts (NOSCRIPT), so nothing needs restar
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from importlib import resources
@@ -31,7 +32,6 @@ DEFAULT_TIMEOUT_SECONDS = 0.5
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 2.0
 # Redis runs scripts one at a time, so more connections add no throughput, only connects.
 DEFAULT_MAX_CONNECTIONS = 16
-DEFAULT_POOL_WAIT_SECONDS = 2.0
 # Kept a minute past the window's end so a late settlement still finds it.
 _FIXED_EXPIRY_MARGIN_MS = 60_000
 
@@ -41,27 +41,33 @@ def _script(name: str) -> str:
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        max_in_flight: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         self.client = client
+        # Calls beyond the pool queue here, first come first served. (redis-py's own
+        # BlockingConnectionPool starved some waiters for seconds under a 64-wide burst.)
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._prefix = key_prefix
         self._reserve = client.register_script(_script("reserve.lua"))
         self._adjust = client.register_script(_script("adjust.lua"))
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> RedisStore:
-        """Options in the URL's query (`?max_connections=128`) override the defaults here."""
-        pool = aioredis.BlockingConnectionPool.from_url(
+        """Options in the URL's query (`?max_connections=32`) override the defaults here."""
+        pool = aioredis.ConnectionPool.from_url(
             url,
-            # A burst beyond the pool waits for a free connection instead of failing.
             max_connections=DEFAULT_MAX_CONNECTIONS,
-            timeout=DEFAULT_POOL_WAIT_SECONDS,
             socket_timeout=DEFAULT_TIMEOUT_SECONDS,
             socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT_SECONDS,
             # Retry once, at once, on a dropped connection only (a pooled connection is stale
             # after a Redis restart); never after a timeout, which may have run the script.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        return cls(aioredis.Redis(connection_pool=pool), key_prefix)
+        return cls(aioredis.Redis(connection_pool=pool), key_prefix, pool.max_connections)
 
     async def reserve(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float
@@ -83,7 +89,8 @@ class RedisStore:
             else:
                 pipe.get(key)
         try:
-            replies = await pipe.execute()
+            async with self._slots:
+                replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return tuple(_peeked(c, r, now) for c, r in zip(charges, replies, strict=True))
@@ -107,7 +114,8 @@ class RedisStore:
                 ttl_ms = math.ceil((c.window_end - now) * 1000) + _FIXED_EXPIRY_MARGIN_MS
                 args += ["f", c.limit, 0, c.cost, ttl_ms]
         try:
-            return await script(keys=keys, args=args)
+            async with self._slots:
+                return await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
