@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from llmserve.config import LimitsConfig, TierConfig
@@ -123,8 +123,6 @@ def main() -> None:
     finally:
         stop()
 
-
-Run = Callable[[], Awaitable[None]]
 
 if __name__ == "__main__":
     main()

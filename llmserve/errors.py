@@ -15,6 +15,7 @@
         ├── RateLimited             429  rate_limit_exceeded (+ Retry-After)
         ├── InternalError           500  internal_error (message generic; details only logged)
         ├── EngineFailed            500  engine_error (generation failed)
+        ├── DeadlineExceeded        504  deadline_exceeded (the client's X-Request-Timeout passed)
         └── ServiceUnavailable      503  server_overloaded / queue_timeout / engine_unavailable
                                          / shutting_down / limiter_unavailable (+ Retry-After)
 """
@@ -122,6 +123,7 @@ class RateLimited(APIError):
     status = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+    limit: str | None = None  # the window that refused: "tokens_per_minute", ... (for metrics)
 
 
 class InternalError(APIError):
@@ -140,3 +142,15 @@ class ServiceUnavailable(APIError):
     status = 503
     error_type = "server_error"
     default_code = "server_overloaded"
+
+
+class DeadlineExceeded(APIError):
+    """The client's own deadline (X-Request-Timeout) passed before the request could finish.
+
+    504 as in gRPC's DEADLINE_EXCEEDED mapping: the server gave up on the caller's schedule.
+    No Retry-After: retrying with the same deadline under the same load would fail again.
+    """
+
+    status = 504
+    error_type = "server_error"
+    default_code = "deadline_exceeded"

@@ -245,8 +245,10 @@ class Metrics:
         include_default_registry: bool = True,
         gpu_probe: GpuProbe | None = None,
         time_func: Callable[[], float] = time.time,
+        limiter_stats: Any = None,
     ) -> None:
         self._registry = registry
+        self._limiter_stats = limiter_stats  # llmserve.limits.LimiterStats, read at scrape time
         self._config = config
         self._include_default = include_default_registry and registry is not REGISTRY
         self._gpu = gpu_probe if gpu_probe is not None else NvmlProbe()
@@ -285,6 +287,12 @@ class Metrics:
             "llmserve_limiter_store_errors", "Limiter store operations that failed.", ()
         )
         self.limiter_store_errors = Counter(self.store_errors)
+        self.unchecked = c(
+            "llmserve_limiter_unchecked_admissions",
+            "Requests admitted without a limit check (store down, on_store_error: open).",
+            (),
+        )
+        self.limiter_unchecked = Counter(self.unchecked)
         h = LabelledHistogram
         self.ttft = h(
             "llmserve_time_to_first_token_seconds",
@@ -396,6 +404,7 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The /metrics body and its Content-Type: our series, then the default REGISTRY's."""
         out: list[str] = []
+        self._sync_limiter_stats()
         for counter in self._counters():
             counter.lines(out)
         for hist in self._histograms():
@@ -421,7 +430,14 @@ class Metrics:
         yield from self._families(describe=True)
 
     def collect(self) -> Iterator[Metric]:
+        self._sync_limiter_stats()
         yield from self._families(describe=False)
+
+    def _sync_limiter_stats(self) -> None:
+        stats = self._limiter_stats
+        if stats is not None:
+            self.store_errors.values[()] = float(stats.store_errors)
+            self.unchecked.values[()] = float(stats.admitted_unchecked)
 
     def _families(self, describe: bool) -> Iterator[Metric]:
         for counter in self._counters():
@@ -432,7 +448,7 @@ class Metrics:
 
     def _counters(self) -> tuple[LabelledCounter, ...]:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
-                self.rate_limited, self.disconnects, self.store_errors)  # fmt: skip
+                self.rate_limited, self.disconnects, self.store_errors, self.unchecked)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead)

@@ -118,8 +118,14 @@ def test_sweep_stops_when_goodput_plateaus_or_errors_appear() -> None:
     assert "failed" in (stop_reason([step(1, 1.0), step(2, 2.0, failed=1)]) or "")
 
 
-def test_best_rate_is_the_highest_step_within_the_slo() -> None:
-    steps = [step(1, 1.0), step(2, 2.0), step(4, 2.0, throughput=4.0), step(8, 1.0, failed=2)]
+def test_best_rate_is_the_highest_rising_step_within_the_slo() -> None:
+    steps = [
+        step(1, 1.0),
+        step(2, 2.0),
+        step(4, 2.8, throughput=4.0),  # rose, but only 70% of requests were good
+        step(8, 2.9, throughput=3.0),  # 97% good, but goodput barely rose: saturated
+        step(16, 6.0, failed=2),  # failures
+    ]
     assert best_rate(steps, min_good_fraction=0.9) == 2
     assert best_rate(steps, min_good_fraction=0.5) == 4
     assert best_rate([step(1, 0.0, throughput=1.0)], 0.9) is None
@@ -134,6 +140,6 @@ async def test_sweep_drives_rates_up_by_the_factor() -> None:
 
     outcome = await sweep(run, start_rate=1, factor=2, max_steps=10, min_good_fraction=0.9)
     assert seen == [1, 2, 4, 8]  # 4 -> 3.0 still rises; 8 -> 3.0 does not
-    assert outcome.best_rate == 2  # at 4 and 8 req/s only 3 req/s were served
+    assert outcome.best_rate == 4  # the last step whose goodput still rose
     assert "stopped rising" in outcome.stop_reason
     await asyncio.sleep(0)

@@ -20,7 +20,10 @@ DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 LLMSERVE = [sys.executable, "-m", "llmserve"]
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+pytestmark = [
+    pytest.mark.tmux,
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux"),
+]
 
 
 class ReplayServer:

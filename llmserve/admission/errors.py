@@ -1,24 +1,8 @@
-"""The errors a client sees from the admission queue, with their headers.
-
-`DeadlineExceeded` belongs in llmserve/errors.py next to the other APIErrors; it lives here
-until the lead moves it (the module re-exports it either way).
-"""
+"""The errors a client sees from the admission queue, with their headers."""
 
 from __future__ import annotations
 
-from llmserve.errors import APIError, ServiceUnavailable, retry_after_header
-
-
-class DeadlineExceeded(APIError):
-    """The client's own deadline (X-Request-Timeout) passed before the request could finish.
-
-    504 as in gRPC's DEADLINE_EXCEEDED mapping: the server gave up on the caller's schedule.
-    No Retry-After: retrying with the same deadline under the same load would fail again.
-    """
-
-    status = 504
-    error_type = "server_error"
-    default_code = "deadline_exceeded"
+from llmserve.errors import DeadlineExceeded, ServiceUnavailable, retry_after_header
 
 
 def deadline_exceeded() -> DeadlineExceeded:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from llmserve.engine.base import (
 from llmserve.errors import (
     APIError,
     ContextLengthExceeded,
+    DeadlineExceeded,
     EngineFailed,
     NotFound,
     PermissionDenied,
@@ -42,6 +43,7 @@ from llmserve.request_state import RECORD, STARTED
 
 log = logging.getLogger("llmserve.gateway")
 
+DEADLINE_HEADER = "X-Request-Timeout"
 ENGINE_RETRY_SECONDS = 10  # Retry-After when the engine is down: a supervisor restart takes ~10s
 
 
@@ -59,7 +61,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-    deadline: float | None = None  # loop time after which the request is abandoned
+    deadline: float | None = None  # monotonic (= loop) time after which the request is dropped
     # filled while it runs
     engine_started: bool = False
     completion_tokens: int = 0
@@ -119,9 +121,11 @@ class Gateway:
         return name, limits.tiers[name]
 
     def sampling_options(
-        self, params: Any, prompt: Prompt, tier: TierConfig, requested_max: int | None
-    ) -> SamplingOptions:
-        max_tokens = self._max_tokens(prompt, tier, requested_max)
+        self, params: Any, prompt: Prompt, tier: TierConfig, requested_max: int | None,
+        default_max: int | None = None,
+    ) -> SamplingOptions:  # fmt: skip
+        max_tokens = self._max_tokens(prompt, default_max or tier.default_max_tokens,
+                                      requested_max)  # fmt: skip
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=params.temperature,
@@ -133,10 +137,16 @@ class Gateway:
             priority=tier.priority,
         )
 
-    def _max_tokens(self, prompt: Prompt, tier: TierConfig, requested: int | None) -> int:
+    def default_max_tokens(self, tier_name: str, principal: Principal) -> int | None:
+        """The tier's default max_tokens, with the key's own override when it has one."""
+        if self.limiter is not None:
+            return self.limiter.plan(tier_name, principal.limit_overrides).default_max_tokens
+        return self.config.limits.tiers[tier_name].default_max_tokens
+
+    def _max_tokens(self, prompt: Prompt, tier_default: int | None, requested: int | None) -> int:
         context = self.engine.max_model_len
         room = context - prompt.num_tokens
-        default = tier.default_max_tokens or self.config.engine.default_max_tokens
+        default = tier_default or self.config.engine.default_max_tokens
         max_tokens = requested or (min(default, room) if default else room)
         if max_tokens < 1 or prompt.num_tokens + max_tokens > context:
             raise context_length_error(prompt.num_tokens, requested or 1, context)
@@ -178,10 +188,11 @@ class Gateway:
     async def _run_json(
         self, request: web.Request, job: Job, headers: dict[str, str]
     ) -> web.Response:
-        async with self._slot(request, job, None):
-            async for delta in self._deltas(request, job):
-                if delta.text:
-                    job.text.append(delta.text)
+        with _deadline(job):
+            async with self._slot(request, job, None):
+                async for delta in self._deltas(request, job):
+                    if delta.text:
+                        job.text.append(delta.text)
         build = objects.chat_completion if job.chat else objects.text_completion
         body = build(
             response_id=job.response_id, created=job.created, model=job.model,
@@ -196,8 +207,9 @@ class Gateway:
         sse = SSEStream(request, self.config.server.heartbeat_seconds, headers)
         sse.start_heartbeats()
         try:
-            async with self._slot(request, job, sse):
-                await self._stream_deltas(request, job, sse)
+            with _deadline(job):
+                async with self._slot(request, job, sse):
+                    await self._stream_deltas(request, job, sse)
         except (APIError, asyncio.CancelledError) as exc:
             await sse.stop_heartbeats()
             error = self._stream_error(exc)
@@ -296,9 +308,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         start = loop.time()
         if sse is not None:
-            sse.comment = lambda: (
-                f"queued position={ticket.position} eta_ms={int(ticket.eta_seconds * 1000)}"
-            )
+            sse.comment = lambda: queued_comment(ticket)
         try:
             await ticket.wait()
         finally:
@@ -311,6 +321,13 @@ class Gateway:
     @staticmethod
     def _queue_cost(job: Job) -> int:
         return job.prompt.num_tokens + job.options.max_tokens
+
+
+def queued_comment(ticket: Any) -> str:
+    """The heartbeat of a waiting stream: `queued position=3 eta_ms=1200` (eta once known)."""
+    eta = ticket.eta_seconds
+    text = f"queued position={ticket.position}"
+    return text if eta is None else f"{text} eta_ms={int(eta * 1000)}"
 
 
 def context_length_error(prompt_tokens: int, max_tokens: int, context: int) -> APIError:
@@ -331,6 +348,37 @@ def _engine_api_error(exc: BaseException) -> APIError:
         )
     log.error("generation failed: %s", exc, exc_info=exc)
     return EngineFailed("The model failed while generating this response; please retry.")
+
+
+@contextlib.contextmanager
+def _deadline(job: Job) -> Iterator[None]:
+    """End the request with 504 deadline_exceeded when the client's deadline passes, whether it
+    is queued or generating (cancelling the task aborts the engine request)."""
+    if job.deadline is None:
+        yield
+        return
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_at(job.deadline, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        task.uncancel()
+        raise DeadlineExceeded(
+            f"The request did not finish within its deadline ({DEADLINE_HEADER}); "
+            "allow more time or ask for fewer tokens."
+        ) from None
+    finally:
+        handle.cancel()
 
 
 async def _shielded(coro: Any) -> None:

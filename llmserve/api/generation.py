@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
+from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.api import objects
 from llmserve.api.body import read_json_body
 from llmserve.api.gateway import Gateway, Job
@@ -54,8 +56,15 @@ def _job(request: web.Request, gateway: Gateway, principal: Principal, params: A
          prompt: Prompt, *, chat: bool) -> Job:  # fmt: skip
     tier_name, tier = gateway.tier_of(principal)
     request[RECORD].tier = tier_name
-    options = gateway.sampling_options(params, prompt, tier, params.output_limit)
+    default_max = gateway.default_max_tokens(tier_name, principal)
+    options = gateway.sampling_options(params, prompt, tier, params.output_limit, default_max)
+    deadline = request_deadline(
+        request.headers.get(REQUEST_TIMEOUT_HEADER),
+        gateway.config.queue.default_timeout_seconds,
+        asyncio.get_running_loop().time(),
+    )
     return Job(
+        deadline=deadline,
         chat=chat,
         response_id=objects.new_id("chatcmpl-" if chat else "cmpl-"),
         model=params.model,

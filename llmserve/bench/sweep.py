@@ -1,11 +1,13 @@
 """`--sweep`: raise the request rate step by step until goodput stops rising or requests fail,
 and name the highest rate whose step met the SLO.
 
-A step meets the SLO when no request failed and its goodput (requests/s within every `--goodput`
-bound; with no `--goodput` every successful request counts) is at least `min_good_fraction` of
-the offered rate: the server kept up with the load and kept its latencies. Goodput "stops
-rising" when a step gains less than `min_gain` (5%) over the previous one: past saturation,
-more offered load only adds queueing.
+Goodput (requests/s within every `--goodput` bound; with no `--goodput` every successful
+request counts) "stops rising" when a step gains less than `min_gain` (5%) over the previous
+one: past saturation, more offered load only adds queueing. A step meets the SLO when no
+request failed, at least `min_good_fraction` of its requests were good, and its goodput still
+rose (the first step has nothing to rise from). Offered and served rates are not compared
+directly: a finite run's duration includes the last requests' latency, so a short run serves
+less than it offered even when the server keeps up.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ class SweepStep:
     request_goodput: float
     result: dict[str, Any]
 
-    def met_slo(self, min_good_fraction: float) -> bool:
-        kept_up = self.request_goodput >= min_good_fraction * self.rate
-        return self.completed > 0 and self.failed == 0 and kept_up
+    @property
+    def good_fraction(self) -> float:
+        if self.request_throughput <= 0:
+            return 0.0
+        return self.request_goodput / self.request_throughput
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +71,31 @@ def step_from_result(rate: float, result: dict[str, Any]) -> SweepStep:
     )
 
 
+def rose(steps: list[SweepStep], index: int, min_gain: float = DEFAULT_MIN_GAIN) -> bool:
+    """Did goodput at step `index` rise enough over the step before (the first always did)?"""
+    if index == 0:
+        return steps[0].request_goodput > 0
+    return steps[index].request_goodput >= steps[index - 1].request_goodput * (1 + min_gain)
+
+
 def stop_reason(steps: list[SweepStep], min_gain: float = DEFAULT_MIN_GAIN) -> str | None:
     """Why the sweep ends after these steps, or None to go on."""
     last = steps[-1]
     if last.failed:
         return f"{last.failed} requests failed at {last.rate:g} req/s"
-    if len(steps) >= 2 and last.request_goodput < steps[-2].request_goodput * (1 + min_gain):
+    if len(steps) >= 2 and not rose(steps, len(steps) - 1, min_gain):
         return f"goodput stopped rising at {last.rate:g} req/s"
     return None
 
 
-def best_rate(steps: list[SweepStep], min_good_fraction: float) -> float | None:
-    passing = [s.rate for s in steps if s.met_slo(min_good_fraction)]
+def best_rate(
+    steps: list[SweepStep], min_good_fraction: float, min_gain: float = DEFAULT_MIN_GAIN
+) -> float | None:
+    passing = [
+        s.rate
+        for i, s in enumerate(steps)
+        if s.failed == 0 and s.good_fraction >= min_good_fraction and rose(steps, i, min_gain)
+    ]
     return max(passing) if passing else None
 
 
@@ -104,4 +121,4 @@ async def sweep(
             reason = why
             break
         rate *= factor
-    return SweepOutcome(steps, best_rate(steps, min_good_fraction), reason)
+    return SweepOutcome(steps, best_rate(steps, min_good_fraction, min_gain), reason)

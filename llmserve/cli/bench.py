@@ -105,7 +105,7 @@ def bench(
     sweep_factor: float = typer.Option(2.0, "--sweep-factor", help="Rate multiplier per step."),
     sweep_steps: int = typer.Option(8, "--sweep-steps", min=1, help="Most steps."),
     sweep_min_good: float = typer.Option(
-        0.9, "--sweep-min-good", help="A step passes when goodput >= this fraction of its rate."
+        0.9, "--sweep-min-good", help="A step passes when this fraction of requests met --goodput."
     ),
 ) -> None:
     """Load-test a server; the figures and result JSON match `vllm bench serve`."""
@@ -147,7 +147,7 @@ def bench(
     else:
         result = asyncio.run(_once(options, samples, disable_tqdm))
         typer.echo(report.format_console(result))
-    if save_result or result_dir or result_filename:
+    if save_result:
         path = report.result_path(result, result_dir=result_dir, filename=result_filename)
         report.write_result(result, path)
         typer.echo(f"result written to {path}")

@@ -19,6 +19,7 @@ from rich.table import Table
 from llmserve.auth.jwt import mint_token
 from llmserve.auth.keys import KeyNotFound, KeyRecord, KeyStore
 from llmserve.cli.common import ConfigOption, load_or_exit
+from llmserve.cli.keys_usage import add_usage_command
 from llmserve.config import Config
 from llmserve.errors import ConfigError
 
@@ -206,8 +207,7 @@ def mint(
     typer.echo(token)
 
 
-# `keys usage ID` (tokens and requests used per window) comes with the limits issue: add it
-# here as `@keys_app.command("usage")`, calling the limiter's peek.
+add_usage_command(keys_app)  # `keys usage ID`: per-window usage read from the limiter's store
 
 
 def register(app: typer.Typer) -> None:

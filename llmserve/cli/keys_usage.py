@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -13,6 +15,7 @@ from rich.table import Table
 from llmserve.auth.keys import KeyStore
 from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.errors import LLMServeError
+from llmserve.limits.headers import format_duration
 from llmserve.limits.usage import read_usage, usage_record
 
 
@@ -44,12 +47,16 @@ def usage(
     Console().print(_table(record.id, records))
 
 
-def _table(key_id: str, records: list[dict[str, object]]) -> Table:
+def _table(key_id: str, records: list[dict[str, Any]]) -> Table:
     table = Table(title=f"usage of {key_id}")
     for column in ("window", "limit", "used", "remaining", "resets in"):
         table.add_column(column, justify="left" if column == "window" else "right")
     for r in records:
         table.add_row(
-            str(r["label"]), str(r["limit"]), str(r["used"]), str(r["remaining"]), str(r["reset"])
+            str(r["label"]),
+            str(r["limit"]),
+            str(r["used"]),
+            str(r["remaining"]),
+            format_duration(math.ceil(float(r["reset_seconds"]))),  # whole seconds read better
         )
     return table

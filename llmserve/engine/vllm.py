@@ -125,7 +125,8 @@ class VLLMEngine:
             ) from exc
         with self._lock:
             if not self._closed:
-                self._built = llm
+                # Drop the local: a traceback vLLM keeps from start-up pins this frame.
+                self._built, llm = llm, None
                 return
         # close() came while loading (e.g. SIGTERM during start-up): leave nothing running.
         _shutdown(llm)

@@ -15,10 +15,6 @@ class StoreBreaker:
         self._cooldown = cooldown
         self._retry_at: float | None = None
 
-    @property
-    def failing(self) -> bool:
-        return self._retry_at is not None
-
     def allows_call(self) -> bool:
         return self._retry_at is None or self._clock() >= self._retry_at
 

@@ -13,10 +13,12 @@ from llmserve.limits.windows import RULE_SHAPES, WindowCharge, retry_after, stat
 def never_fits(charge: WindowCharge) -> RateLimited:
     """The request is bigger than the window itself: retrying cannot help, so no Retry-After."""
     label, unit, _, _ = RULE_SHAPES[charge.name]
-    return RateLimited(
+    error = RateLimited(
         f"This request needs {charge.cost} {unit} but your {label} limit is {charge.limit}, "
         "so it can never be admitted. Lower max_tokens or shorten the prompt."
     )
+    error.limit = charge.name
+    return error
 
 
 def limit_reached(
@@ -36,4 +38,6 @@ def limit_reached(
     )
     headers = rate_limit_headers([status(c, u, now) for c, u in zip(charges, used, strict=True)])
     headers.update(retry_after_header(wait))
-    return RateLimited(message, headers=headers)
+    error = RateLimited(message, headers=headers)
+    error.limit = charge.name
+    return error

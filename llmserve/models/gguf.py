@@ -32,6 +32,7 @@ def import_gguf(gguf: Path, out_dir: Path) -> Path:
     try:
         _save(model, tokenizer, staging)
         (staging / _MARKER).write_text(f"{gguf.name}\n")
+        staging.chmod(0o755)  # mkdtemp makes it private; a model directory is not secret
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

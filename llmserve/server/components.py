@@ -9,14 +9,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from llmserve.admission import AdmissionQueue
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.redact import install_redaction
 from llmserve.config import Config
+from llmserve.engine.base import Engine
 from llmserve.engine.factory import create_engine
+from llmserve.limits import Limiter, store_from_url
+from llmserve.metrics import Metrics
 from llmserve.middleware.auth import auth_middleware
 from llmserve.server.app import build_admin_app, build_app
+from llmserve.server.keys import GATEWAY, LIFECYCLE
+from llmserve.usage import open_ledger
 
 log = logging.getLogger("llmserve.server")
 
@@ -31,6 +38,7 @@ class Components:
         self._closers.append(closer)
 
     async def close(self) -> None:
+        """Close in reverse order of creation; one failing closer does not stop the others."""
         for closer in reversed(self._closers):
             try:
                 result = closer()
@@ -40,12 +48,21 @@ class Components:
                 log.exception("error while closing %r", closer)
 
 
-def build_components(config: Config) -> Components:
+def build_components(config: Config, *, registry: CollectorRegistry | None = None) -> Components:
     install_redaction()
     closers: list[Callable[[], Any]] = []
     middleware = _auth(config, closers)
+    limiter = Limiter(config.limits, store_from_url(config.limits.store, config.limits.state_dir))
+    closers.append(limiter.close)
+    ledger = open_ledger(config.usage)
+    if ledger is not None:
+        closers.append(ledger.close)
+    metrics = Metrics(registry or CollectorRegistry(), config.metrics, limiter_stats=limiter.stats)
     engine = create_engine(config.engine)
-    app = build_app(config, engine, auth_middleware=middleware)
+    admission = AdmissionQueue.from_config(config)
+    app = build_app(config, engine, limiter=limiter, admission=admission, metrics=metrics,
+                    ledger=ledger, auth_middleware=middleware)  # fmt: skip
+    _bind_metrics(metrics, app, engine, admission, config)
     admin = build_admin_app(app) if config.server.admin_port is not None else None
     components = Components(app=app, admin_app=admin)
     for closer in closers:
@@ -61,3 +78,16 @@ def _auth(config: Config, closers: list[Callable[[], Any]]) -> Any:
     closers.append(authenticator.close)
     return auth_middleware(authenticator, config.server)
 
+
+def _bind_metrics(metrics: Metrics, app: web.Application, engine: Engine,
+                  admission: AdmissionQueue, config: Config) -> None:  # fmt: skip
+    gateway, lifecycle = app[GATEWAY], app[LIFECYCLE]
+    metrics.bind(
+        queue_depth=lambda: admission.depth,
+        in_flight=lambda: lifecycle.in_flight,
+        concurrency_limit=lambda: admission.max_concurrency,
+        queue_limit=lambda: admission.max_depth,
+        engine_stats=engine.stats,
+        engine_healthy=lambda: gateway.ready and engine.dead is None,
+        model=engine.model_name,
+    )

@@ -93,6 +93,9 @@ async def _watch_engine(app: web.Application) -> None:
 async def _drain(runner: web.AppRunner, app: web.Application, grace: float) -> None:
     lifecycle = app[LIFECYCLE]
     lifecycle.draining = True
+    admission = app[GATEWAY].admission
+    if admission is not None:
+        admission.close()  # waiting requests get 503 shutting_down; running ones finish
     for site in list(runner.sites):
         await site.stop()  # no new connections; open ones get 503 shutting_down
     if lifecycle.in_flight:

@@ -1,0 +1,168 @@
+"""The vLLM launch settings, stats sink and prompt rendering helpers: pure, no vllm needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llmserve.config import EngineConfig
+from llmserve.engine.vllm_args import build_launch, resolve_device
+from llmserve.engine.vllm_render import render_chat_text
+from llmserve.engine.vllm_stats import StatsSink
+from llmserve.errors import EngineStartError, InvalidRequest
+
+KNOWN = {
+    "model", "served_model_name", "max_model_len", "max_num_seqs", "dtype", "tokenizer",
+    "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization",
+    "kv_cache_memory_bytes", "enforce_eager", "distributed_executor_backend",
+    "enable_chunked_prefill", "max_num_batched_tokens", "disable_log_stats",
+    "scheduling_policy", "enable_prefix_caching", "max_num_queued_reqs",
+}  # fmt: skip
+
+
+def config(**settings: object) -> EngineConfig:
+    return EngineConfig.model_validate({"model": "./models/m", **settings})
+
+
+def test_auto_device_without_cuda_gets_the_cpu_settings() -> None:
+    launch = build_launch(
+        config(cpu_kv_cache_bytes="512MiB"), resolve_device(config(), False), KNOWN
+    )
+    args = launch.engine_args
+    assert launch.device == "cpu"
+    assert args["enforce_eager"] is True
+    assert args["kv_cache_memory_bytes"] == 512 * 1024 * 1024
+    assert args["distributed_executor_backend"] == "uni"
+    assert launch.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert "gpu_memory_utilization" not in args
+
+
+def test_cpu_settings_make_seeded_requests_safe() -> None:
+    args = build_launch(config(max_model_len=8192), "cpu", KNOWN).engine_args
+    assert args["enable_chunked_prefill"] is False
+    assert args["max_num_batched_tokens"] >= 8192
+
+
+def test_auto_device_with_cuda_gets_the_gpu_settings() -> None:
+    launch = build_launch(config(gpu_memory_utilization=0.8), resolve_device(config(), True), KNOWN)
+    assert launch.device == "cuda"
+    assert launch.engine_args["gpu_memory_utilization"] == 0.8
+    assert "enforce_eager" not in launch.engine_args
+    assert "kv_cache_memory_bytes" not in launch.engine_args
+    assert launch.env == {}
+
+
+def test_cuda_device_without_cuda_is_a_start_error() -> None:
+    with pytest.raises(EngineStartError, match="no CUDA"):
+        resolve_device(config(device="cuda"), False)
+
+
+def test_config_fields_reach_the_engine_args() -> None:
+    settings = {
+        "served_model_name": "m1",
+        "max_model_len": 1024,
+        "max_num_seqs": 4,
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 2,
+        "pipeline_parallel_size": 1,
+    }
+    args = build_launch(config(**settings), "cuda", KNOWN).engine_args
+    assert {k: args[k] for k in settings} == settings
+    assert args["model"] == "./models/m"
+    assert args["disable_log_stats"] is False  # stats feed our logger and vllm:* metrics
+
+
+def test_served_model_name_defaults_to_the_directory_name() -> None:
+    assert build_launch(config(), "cpu", KNOWN).engine_args["served_model_name"] == "m"
+
+
+def test_unknown_option_is_a_start_error_naming_it_with_a_suggestion() -> None:
+    with pytest.raises(
+        EngineStartError, match=r"options\.enable_prefix_cachin\b.*enable_prefix_caching"
+    ):
+        build_launch(config(options={"enable_prefix_cachin": True}), "cpu", KNOWN)
+
+
+def test_option_that_has_its_own_setting_points_to_it() -> None:
+    with pytest.raises(EngineStartError, match=r"set engine\.max_model_len instead"):
+        build_launch(config(options={"max_model_len": 4096}), "cpu", KNOWN)
+
+
+def test_options_override_defaults_and_enable_priority_scheduling() -> None:
+    plain = build_launch(config(), "cpu", KNOWN)
+    launch = build_launch(
+        config(options={"scheduling_policy": "priority", "enable_prefix_caching": False}),
+        "cpu",
+        KNOWN,
+    )
+    assert not plain.priority_scheduling
+    assert launch.priority_scheduling
+    assert launch.engine_args["enable_prefix_caching"] is False
+
+
+def test_chunked_prefill_is_refused_on_cpu_but_allowed_on_gpu() -> None:
+    chunked = config(options={"enable_chunked_prefill": True})
+    with pytest.raises(EngineStartError, match="seed"):
+        build_launch(chunked, "cpu", KNOWN)
+    assert build_launch(chunked, "cuda", KNOWN).engine_args["enable_chunked_prefill"] is True
+
+
+def test_small_batch_budget_is_refused_on_cpu() -> None:
+    with pytest.raises(EngineStartError, match="max_num_batched_tokens"):
+        build_launch(config(options={"max_num_batched_tokens": 256}), "cpu", KNOWN)
+
+
+def test_stats_sink_keeps_the_last_scheduler_snapshot_and_token_totals() -> None:
+    sink = StatsSink()
+    sched = SimpleNamespace(kv_cache_usage=0.25, num_running_reqs=3, num_waiting_reqs=2)
+    sink.record(sched, SimpleNamespace(num_prompt_tokens=10, num_generation_tokens=3))
+    sink.record(None, SimpleNamespace(num_prompt_tokens=0, num_generation_tokens=3))
+    stats = sink.snapshot()
+    assert (stats.kv_cache_usage, stats.running, stats.waiting) == (0.25, 3, 2)
+    assert stats.extra == {"prompt_tokens_total": 10, "generation_tokens_total": 6}
+
+
+class RecordingTokenizer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[dict], dict]] = []
+
+    def apply_chat_template(self, conversation: list[dict], **kwargs: object) -> str:
+        self.calls.append((conversation, kwargs))
+        return "|".join(f"{m['role']}:{m['content']}" for m in conversation)
+
+
+def test_chat_is_rendered_with_the_generation_prompt_and_text_parts_joined() -> None:
+    tokenizer = RecordingTokenizer()
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    text = render_chat_text(
+        tokenizer, [{"role": "user", "content": parts}, {"role": "assistant", "content": None}]
+    )
+    assert text == "user:a\nb|assistant:"
+    assert tokenizer.calls[0][1] == {"tokenize": False, "add_generation_prompt": True}
+
+
+def test_non_text_content_part_is_a_client_error() -> None:
+    image = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+    with pytest.raises(InvalidRequest, match="image_url"):
+        render_chat_text(RecordingTokenizer(), [{"role": "user", "content": image}])
+
+
+def test_importing_the_engine_modules_does_not_import_vllm() -> None:
+    code = (
+        "import sys, llmserve.engine.vllm, llmserve.engine.factory, llmserve.models; "
+        "assert 'vllm' not in sys.modules and 'torch' not in sys.modules, 'imported eagerly'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr

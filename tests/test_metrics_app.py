@@ -1,0 +1,67 @@
+"""Requests through the real app (fake engine) land in the metrics, and `top` reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from conftest import make_config
+from prometheus_client import CollectorRegistry
+
+from llmserve.config import MetricsConfig
+from llmserve.engine.fake import FakeEngine
+from llmserve.metrics import Metrics
+
+ROOT = Path(__file__).parent.parent
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
+
+
+def fresh_metrics() -> tuple[Metrics, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return Metrics(registry, MetricsConfig(), include_default_registry=False), registry
+
+
+async def test_success_and_500_through_the_app_are_counted(app_client, tmp_path: Path) -> None:
+    config = make_config(tmp_path, server={"public_metrics": True})
+    metrics, registry = fresh_metrics()
+    engine = FakeEngine(model_name="fake", max_model_len=256)
+    client = await app_client(config, engine, metrics=metrics)
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+    engine.fail_before_first_token = True
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 500
+    value = registry.get_sample_value
+    assert value("llmserve_requests_total", {"route": "chat", "status": "200", "code": ""}) == 1
+    failed = {"route": "chat", "status": "500", "code": "engine_error"}
+    assert value("llmserve_requests_total", failed) == 1
+    assert value("llmserve_tokens_total", {"type": "completion", "tier": "default"}) == 4
+    assert value("llmserve_time_to_first_token_seconds_count") == 1
+    response = await client.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    assert 'llmserve_requests_total{route="chat",status="500",code="engine_error"} 1.0' in text
+
+
+async def test_top_once_reads_a_live_app(app_client, tmp_path: Path) -> None:
+    config = make_config(tmp_path, server={"public_metrics": True})
+    metrics, _ = fresh_metrics()
+    engine = FakeEngine(model_name="fake")
+    client = await app_client(config, engine, metrics=metrics)
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+    engine.fail_before_first_token = True
+    for _ in range(2):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status == 500
+    url = str(client.make_url("/")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmserve", "top", url, "--once", "--interval", "0.5",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode() + text
+    assert "health ok" in text
+    row = next(line for line in text.splitlines() if "5xx errors" in line)
+    assert row.split()[-2:] == ["0", "2"]  # none in the window, 2 since the start
