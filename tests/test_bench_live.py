@@ -175,3 +175,24 @@ async def test_ctrl_c_stops_early_and_reports_what_completed(server: TestServer)
     assert process.returncode == 0, err.decode()
     assert "Successful requests:".ljust(40) + " 2 " in text
     assert "Interrupted: only the requests that completed are counted." in text
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--goodput", "itl:5"), 2, "goodput"),
+        (("--dataset-name", "sharegpt"), 2, "--dataset-path"),
+        ((), 1, "no request succeeded"),
+    ],
+)
+async def test_cli_exit_codes(args: tuple[str, ...], code: int, message: str) -> None:
+    process = await _start(
+        "--base-url", "http://127.0.0.1:9", "--model", "m", "--num-prompts", "2",
+        "--input-len", "2", "--output-len", "2", "--disable-tqdm", *args,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        _kill(process)
+    assert process.returncode == code
+    assert message in err.decode()

@@ -108,7 +108,10 @@ def bench(
         0.9, "--sweep-min-good", help="A step passes when this fraction of requests met --goodput."
     ),
 ) -> None:
-    """Load-test a server; the figures and result JSON match `vllm bench serve`."""
+    """Load-test a server; the figures and result JSON match `vllm bench serve`.
+
+    Exits 0 when at least one request succeeded, 1 when none did, 2 on a bad option.
+    """
     try:
         options = BenchOptions(
             base_url=base_url,
@@ -151,6 +154,10 @@ def bench(
         path = report.result_path(result, result_dir=result_dir, filename=result_filename)
         report.write_result(result, path)
         typer.echo(f"result written to {path}")
+    if not result.get("completed"):
+        # Exit non-zero so a script or CI notices a run where nothing worked.
+        typer.echo("error: no request succeeded (see the status counts above)", err=True)
+        raise typer.Exit(1)
 
 
 def _api_keys(given: list[str] | None) -> tuple[str, ...]:
