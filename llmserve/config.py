@@ -66,8 +66,10 @@ class FakeEngineConfig(Section):
         0.0, ge=0, description="Fake engine: output rate per request (0 = as fast as possible)."
     )
     output_tokens: int | None = Field(
-        None, ge=1, description="Fake engine: stop naturally after this many tokens (unset = "
-        "run to max_tokens)."
+        None,
+        ge=1,
+        description="Fake engine: stop naturally after this many tokens (unset = "
+        "run to max_tokens).",
     )
     fail_before_first_token: bool = Field(
         False, description="Fake engine: every request fails before its first token."
@@ -104,8 +106,7 @@ class EngineConfig(Section):
     default_max_tokens: int | None = Field(
         None,
         ge=1,
-        description="Output cap for requests without max_tokens (unset = the rest of the "
-        "context).",
+        description="Output cap for requests without max_tokens (unset = the rest of the context).",
     )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs by name (checked at start)."

@@ -1,23 +1,23 @@
 """The error tree. Every failure a client can see is an `APIError` with its HTTP meaning.
 
-    LLMServeError
-    ├── ConfigError                      a config file is wrong (CLI prints it, exits 2)
-    ├── EngineStartError                 the engine could not be built or loaded
-    └── APIError (status, type, code)    rendered as the OpenAI error body by one middleware
-        ├── InvalidRequest          400  invalid_request_error   (bad field, bad JSON, n>1 ...)
-        │   └── ContextLengthExceeded 400 context_length_exceeded
-        ├── AuthenticationFailed    401  missing_api_key / invalid_api_key / token_expired ...
-        ├── PermissionDenied        403  model_not_allowed / admin_required
-        ├── NotFound                404  model_not_found / not_found
-        ├── MethodNotAllowed        405
-        ├── PayloadTooLarge         413
-        ├── UnsupportedMediaType    415
-        ├── RateLimited             429  rate_limit_exceeded (+ Retry-After)
-        ├── InternalError           500  internal_error (message generic; details only logged)
-        ├── EngineFailed            500  engine_error (generation failed)
-        ├── DeadlineExceeded        504  deadline_exceeded (the client's X-Request-Timeout passed)
-        └── ServiceUnavailable      503  server_overloaded / queue_timeout / engine_unavailable
-                                         / shutting_down / limiter_unavailable (+ Retry-After)
+LLMServeError
+├── ConfigError                      a config file is wrong (CLI prints it, exits 2)
+├── EngineStartError                 the engine could not be built or loaded
+└── APIError (status, type, code)    rendered as the OpenAI error body by one middleware
+    ├── InvalidRequest          400  invalid_request_error   (bad field, bad JSON, n>1 ...)
+    │   └── ContextLengthExceeded 400 context_length_exceeded
+    ├── AuthenticationFailed    401  missing_api_key / invalid_api_key / token_expired ...
+    ├── PermissionDenied        403  model_not_allowed / admin_required
+    ├── NotFound                404  model_not_found / not_found
+    ├── MethodNotAllowed        405
+    ├── PayloadTooLarge         413
+    ├── UnsupportedMediaType    415
+    ├── RateLimited             429  rate_limit_exceeded (+ Retry-After)
+    ├── InternalError           500  internal_error (message generic; details only logged)
+    ├── EngineFailed            500  engine_error (generation failed)
+    ├── DeadlineExceeded        504  deadline_exceeded (the client's X-Request-Timeout passed)
+    └── ServiceUnavailable      503  server_overloaded / queue_timeout / engine_unavailable
+                                     / shutting_down / limiter_unavailable (+ Retry-After)
 """
 
 from __future__ import annotations

@@ -48,8 +48,10 @@ async def test_max_completion_tokens_is_honoured(client):
 async def test_text_parts_and_developer_role_are_accepted(client, engine):
     messages = [
         {"role": "developer", "content": "be brief"},
-        {"role": "user",
-         "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}],
+        },
     ]
     resp = await client.post(
         "/v1/chat/completions", json={"model": "fake", "messages": messages, "max_tokens": 1}
@@ -89,8 +91,11 @@ async def test_streaming_chat_is_byte_exact_sse(client):
     ]  # fmt: skip
     # byte-exact framing: compact JSON, one event per `data:` line, blank-line separated
     assert events[1] == (
-        b'data: {"id":"' + rid.encode() + b'","object":"chat.completion.chunk","created":'
-        + str(head["created"]).encode() + b',"model":"fake","choices":[{"index":0,"delta":'
+        b'data: {"id":"'
+        + rid.encode()
+        + b'","object":"chat.completion.chunk","created":'
+        + str(head["created"]).encode()
+        + b',"model":"fake","choices":[{"index":0,"delta":'
         b'{"content":"The "},"logprobs":null,"finish_reason":null}],"usage":null}'
     )
 

@@ -48,8 +48,10 @@ def run_pair(tmp_path, store_a, store_b):
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir()
     b_dir.mkdir()
-    with llmserve_up(a_dir, limited_config(a_dir, store_a, "a"), ready_path="/ready") as a, \
-            llmserve_up(b_dir, limited_config(b_dir, store_b, "b"), ready_path="/ready") as b:
+    with (
+        llmserve_up(a_dir, limited_config(a_dir, store_a, "a"), ready_path="/ready") as a,
+        llmserve_up(b_dir, limited_config(b_dir, store_b, "b"), ready_path="/ready") as b,
+    ):
         return asyncio.run(hammer([a.base_url, b.base_url], 60))
 
 

@@ -181,8 +181,10 @@ def _content_text(where: str, content: Any) -> str:
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                part.get("text"), str
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
             ):
                 raise InvalidRequest(
                     f"Invalid content part '{where}.content[{i}]': only text parts "

@@ -113,4 +113,3 @@ async def _start_engine(gateway: Gateway) -> None:
     await gateway.engine.start()
     gateway.ready = True
     log.info("engine ready: serving model %r", gateway.engine.model_name)
-
