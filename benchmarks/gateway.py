@@ -89,7 +89,7 @@ def server(cmd: list[str], port: int):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         kill_group(proc)
 
@@ -149,6 +149,18 @@ async def stream_events(url: str, headers: dict[str, str], tokens: int) -> float
         return events / (time.perf_counter() - start)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: robust to other load on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured(pid: int, load) -> tuple[object, float]:
+    before = cpu_seconds(pid)
+    result = await load
+    return result, cpu_seconds(pid) - before
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
@@ -163,35 +175,42 @@ async def run(args: argparse.Namespace) -> None:
         key = create_key(config, "bench")
         tiny_key = create_key(config, "tiny")
         auth = {"Authorization": f"Bearer {key}"}
-        results = {}
-        with server([sys.executable, "-c", BARE_SERVER, str(bare_port)], bare_port) as bare:
-            await open_loop(bare + "/v1/chat/completions", {}, args.rate, 1, body)  # warm up
-            results["bare"] = await open_loop(bare + "/v1/chat/completions", {}, args.rate,
-                                              args.seconds, body)  # fmt: skip
-        with server([sys.executable, "-m", "llmserve", "up", "-c", str(config)],
-                    serve_port) as url:  # fmt: skip
+        results, cpu = {}, {}
+        with server([sys.executable, "-c", BARE_SERVER, str(bare_port)], bare_port) as (bare, pid):
+            chat = bare + "/v1/chat/completions"
+            await open_loop(chat, {}, args.rate, 1, body)  # warm up
+            results["bare"], cpu["bare"] = await measured(
+                pid, open_loop(chat, {}, args.rate, args.seconds, body)
+            )
+        command = [sys.executable, "-m", "llmserve", "up", "-c", str(config)]
+        with server(command, serve_port) as (url, pid):
             chat = url + "/v1/chat/completions"
             await open_loop(chat, auth, args.rate, 1, body)  # warm up
-            results["llmserve"] = await open_loop(chat, auth, args.rate, args.seconds, body)
-            events = await stream_events(chat, auth, 50_000)
-            rejections = {
-                "401": await closed_loop(chat, {"Authorization": "Bearer sk-llms-nope"}, 64,
-                                         3, body),
-                "429": await closed_loop(chat, {"Authorization": f"Bearer {tiny_key}"}, 64,
-                                         3, body),
-            }  # fmt: skip
+            results["llmserve"], cpu["llmserve"] = await measured(
+                pid, open_loop(chat, auth, args.rate, args.seconds, body)
+            )
+            events, events_cpu = await measured(pid, stream_events(chat, auth, 50_000))
+            rejections = {}
+            for code, headers in (("401", {"Authorization": "Bearer sk-llms-nope"}),
+                                  ("429", {"Authorization": f"Bearer {tiny_key}"})):  # fmt: skip
+                rejections[code] = await measured(pid, closed_loop(chat, headers, 64, 3, body))
     print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU 0, load generator to CPU 1")
     print(f"open loop at {args.rate:.0f} req/s for {args.seconds:.0f}s, non-streaming, "
           f"max_tokens=8, limiter store {args.store}")  # fmt: skip
-    print(f"{'server':<10} {'done':>7} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    print(f"{'server':<10} {'done':>7} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10}  statuses")
     for name, (lat, statuses) in results.items():
-        print(f"{name:<10} {len(lat):>7} {pct(lat, 50):>8.3f} {pct(lat, 99):>8.3f}  {statuses}")
+        per_request = cpu[name] / max(1, len(lat)) * 1e6
+        print(f"{name:<10} {len(lat):>7} {pct(lat, 50):>8.3f} {pct(lat, 99):>8.3f} "
+              f"{per_request:>10.0f}  {statuses}")  # fmt: skip
     (bare_lat, _), (ours, _) = results["bare"], results["llmserve"]
     print(f"added by the gateway: p50 {pct(ours, 50) - pct(bare_lat, 50):+.3f} ms, "
-          f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms")  # fmt: skip
-    print(f"SSE events/s, one stream at full speed: {events:,.0f}")
-    for code, (count, statuses) in rejections.items():
-        print(f"rejections {code}: {count / 3:,.0f}/s  {statuses}")
+          f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms, CPU "
+          f"{(cpu['llmserve'] / len(ours) - cpu['bare'] / len(bare_lat)) * 1e6:+.0f} us/request")
+    print(f"SSE: one stream at full speed: {events:,.0f} events/s wall, "
+          f"{50_000 / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server")
+    for code, ((count, statuses), used) in rejections.items():
+        print(f"rejections {code}: {count / 3:,.0f}/s wall, {count / max(used, 1e-9):,.0f} per "
+              f"CPU-second of the server  {statuses}")  # fmt: skip
 
 
 def main() -> None:
