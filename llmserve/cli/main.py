@@ -36,13 +36,7 @@ def _root(
 
 
 for _name in _COMMAND_MODULES:
-    try:  # TODO(lead): remove this guard once every command module has landed
-        _module = importlib.import_module(f"llmserve.cli.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"llmserve.cli.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"llmserve.cli.{_name}").register(app)
 
 
 def main() -> None:

@@ -1,15 +1,15 @@
-"""The real SmolLM2-135M-Instruct model (prepared by `llmserve models prepare`) on vLLM."""
+"""The real SmolLM2-135M-Instruct model (prepared by `llmserve models prepare`), over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
 
-from llmserve.engine.base import SamplingOptions
 from tests.engine.conftest import SMOLLM2_DIR, child_pids, kill_leftovers
-from tests.engine.helpers import collect
 
 pytestmark = [
     pytest.mark.engine,
@@ -23,28 +23,45 @@ pytestmark = [
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def smollm2() -> AsyncIterator[object]:
-    from llmserve.config import EngineConfig
+async def smollm2() -> AsyncIterator[SimpleNamespace]:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from llmserve.config import Config
     from llmserve.engine.vllm import VLLMEngine
+    from llmserve.server.app import build_app
 
+    config = Config.model_validate(
+        {"engine": {"model": str(SMOLLM2_DIR), "max_model_len": 2048},
+         "auth": {"enabled": False}, "usage": {"ledger": None}}
+    )  # fmt: skip
     before = child_pids()
-    engine = VLLMEngine(EngineConfig(model=str(SMOLLM2_DIR), max_model_len=2048))
+    engine = VLLMEngine(config.engine)
+    client = TestClient(TestServer(build_app(config, engine)))
+    await client.start_server()
     try:
-        await engine.start()
-        yield engine
+        while (await client.get("/ready")).status != 200:
+            assert engine.dead is None
+            await asyncio.sleep(0.2)
+        yield SimpleNamespace(client=client, engine=engine)
     finally:
-        await engine.close()
-        assert not kill_leftovers(before)
+        await client.close()
+        left = kill_leftovers(before)
+    assert not left
 
 
-async def test_greedy_answer_names_paris(smollm2) -> None:
-    prompt = await smollm2.render_chat(
-        [{"role": "user", "content": "What is the capital of France?"}]
-    )
-    result = await collect(smollm2, prompt, SamplingOptions(max_tokens=32, temperature=0.0), "p")
-    assert "Paris" in result.text
-    assert result.finish_reason == "stop"  # the model ends its answer itself
+async def test_greedy_answer_over_http_names_paris(smollm2) -> None:
+    response = await smollm2.client.post(
+        "/v1/chat/completions",
+        json={"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 32,
+              "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    )  # fmt: skip
+    assert response.status == 200, await response.text()
+    choice = (await response.json())["choices"][0]
+    assert "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"  # the model ends its answer itself
 
 
 async def test_served_name_is_the_directory_name(smollm2) -> None:
-    assert smollm2.model_name == "smollm2-135m-instruct"
+    assert smollm2.engine.model_name == "smollm2-135m-instruct"
+    models = await (await smollm2.client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
