@@ -55,6 +55,11 @@ class ServerConfig(Section):
     max_body_bytes: ByteSize = Field(
         ByteSize(4 * 1024 * 1024), gt=0, description="Largest request body accepted (413 above)."
     )
+    stall_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A streaming client that accepts no data for this long is disconnected.",
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
     )

@@ -144,6 +144,13 @@ async def test_context_length_exceeded_gives_the_numbers(client, engine):
     assert engine.calls == []
 
 
+async def test_too_long_completion_prompt_names_the_prompt(client):
+    resp = await client.post("/v1/completions", json={"model": "fake", "prompt": "w " * 300})
+    assert resp.status == 400
+    error = assert_error_shape(await resp.json())
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+
+
 async def test_prompt_filling_the_context_without_max_tokens_is_rejected(client):
     status, error = await post_chat(client, chat_body("word " * 260))
     assert status == 400

@@ -57,7 +57,7 @@ async def test_text_parts_and_developer_role_are_accepted(client, engine):
         "/v1/chat/completions", json={"model": "fake", "messages": messages, "max_tokens": 1}
     )
     assert resp.status == 200
-    assert engine.calls[-1].prompt.text == "system: be brief\nuser: hi you\nassistant:"
+    assert engine.calls[-1].prompt.text == "system: be brief\nuser: hi \nyou\nassistant:"
 
 
 async def test_streaming_chat_is_byte_exact_sse(client):

@@ -94,3 +94,29 @@ async def test_request_id_is_echoed_sanitized_or_generated(client):
     assert stream.headers["X-Request-Id"] == "s-1"
     error = await client.post("/v1/chat/completions", json={}, headers={"X-Request-Id": "e-1"})
     assert error.headers["X-Request-Id"] == "e-1"
+
+
+async def test_a_client_that_stops_reading_is_disconnected(app_client, tmp_path):
+    from llmserve.server.keys import LIFECYCLE
+
+    config = make_config(
+        tmp_path,
+        server={"stall_timeout_seconds": 0.3, "heartbeat_seconds": 0.1},
+        engine={"kind": "fake", "served_model_name": "fake", "max_model_len": 10_000_000},
+    )
+    engine = FakeEngine("fake", 10_000_000)
+    client = await app_client(config, engine)
+    body = json.dumps(chat_body(max_tokens=5_000_000, stream=True)).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()  # ... and never read: the socket buffers fill up, writes block
+    lifecycle = client.app[LIFECYCLE]
+    await eventually(lambda: lifecycle.in_flight == 1)
+    await eventually(lambda: lifecycle.in_flight == 0, timeout=30)
+    assert engine.running == 0
+    assert engine.generated_tokens < 5_000_000
+    writer.close()

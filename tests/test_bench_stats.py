@@ -162,19 +162,28 @@ def test_limit_is_read_from_param_before_message() -> None:
 
 def test_rejection_header_check_names_what_is_missing() -> None:
     full = {h.replace("-", "_"): "1" for h in RATE_LIMIT_HEADERS}
+    requests_only = {h.replace("-", "_"): "1" for h in RATE_LIMIT_HEADERS[:3]}
     results = [
         failed(429, "rate_limit_exceeded", retry_after="3", **full),
+        failed(429, "rate_limit_exceeded", retry_after="3", **requests_only),  # fine
         failed(503, "server_overloaded", retry_after="1"),  # no x-ratelimit-*
         failed(429, "rate_limit_exceeded", **full),  # no Retry-After
         failed(401, "invalid_api_key"),  # not checked
     ]
     assert stats.header_check(results) == {
-        "checked": 3,
+        "checked": 4,
         "missing_retry_after": 1,
         "missing_ratelimit_headers": 1,
         "ok": False,
     }
-    assert stats.header_check(results[:1])["ok"] is True
+    assert stats.header_check(results[:2])["ok"] is True
+
+
+def test_a_partial_rate_limit_trio_is_reported() -> None:
+    partial = {h: "1" for h in RATE_LIMIT_HEADERS[:5]}  # tokens trio lacks its reset
+    assert not stats.has_rate_limit_headers(partial)
+    assert stats.has_rate_limit_headers({h: "1" for h in RATE_LIMIT_HEADERS[3:]})
+    assert not stats.has_rate_limit_headers({})
 
 
 def test_server_queue_wait_is_summarised_from_the_header() -> None:

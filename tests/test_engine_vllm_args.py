@@ -154,7 +154,7 @@ def test_non_text_content_part_is_a_client_error() -> None:
 def test_importing_the_engine_modules_does_not_import_vllm() -> None:
     code = (
         "import sys, llmserve.engine.vllm, llmserve.engine.factory, llmserve.models; "
-        "assert 'vllm' not in sys.modules and 'torch' not in sys.modules, 'imported eagerly'"
+        "assert sys.modules.get('vllm') is None and 'torch' not in sys.modules, 'imported eagerly'"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
@@ -166,3 +166,16 @@ def test_importing_the_engine_modules_does_not_import_vllm() -> None:
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_priority_reaches_vllm_inverted_only_with_priority_scheduling() -> None:
+    from llmserve.engine.base import SamplingOptions
+    from llmserve.engine.vllm import VLLMEngine
+
+    urgent = SamplingOptions(max_tokens=1, priority=5)
+    engine = VLLMEngine(config(options={"scheduling_policy": "priority"}))
+    assert engine._priority(urgent) == {}  # not started: no launch yet
+    engine._launch = build_launch(engine._config, "cpu", KNOWN)
+    assert engine._priority(urgent) == {"priority": -5}  # vLLM serves lower values first
+    engine._launch = build_launch(config(), "cpu", KNOWN)
+    assert engine._priority(urgent) == {}

@@ -33,6 +33,7 @@ from llmserve.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
     EngineFailed,
+    InternalError,
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
@@ -67,6 +68,7 @@ class Job:
     completion_tokens: int = 0
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
+    ticket: Any = None  # the admission slot, released as soon as the engine is done
 
 
 class Gateway:
@@ -124,8 +126,9 @@ class Gateway:
         self, params: Any, prompt: Prompt, tier: TierConfig, requested_max: int | None,
         default_max: int | None = None,
     ) -> SamplingOptions:  # fmt: skip
+        param = "messages" if hasattr(params, "messages") else "prompt"
         max_tokens = self._max_tokens(prompt, default_max or tier.default_max_tokens,
-                                      requested_max)  # fmt: skip
+                                      requested_max, param)  # fmt: skip
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=params.temperature,
@@ -143,20 +146,21 @@ class Gateway:
             return self.limiter.plan(tier_name, principal.limit_overrides).default_max_tokens
         return self.config.limits.tiers[tier_name].default_max_tokens
 
-    def _max_tokens(self, prompt: Prompt, tier_default: int | None, requested: int | None) -> int:
+    def _max_tokens(
+        self, prompt: Prompt, tier_default: int | None, requested: int | None, param: str
+    ) -> int:
         context = self.engine.max_model_len
         room = context - prompt.num_tokens
         default = tier_default or self.config.engine.default_max_tokens
         max_tokens = requested or (min(default, room) if default else room)
         if max_tokens < 1 or prompt.num_tokens + max_tokens > context:
-            raise context_length_error(prompt.num_tokens, requested or 1, context)
+            raise context_length_error(prompt.num_tokens, requested or 1, context, param)
         return max_tokens
 
     # -- running ---------------------------------------------------------------------------
 
     async def run(self, request: web.Request, job: Job) -> web.StreamResponse:
         record: RequestRecord = request[RECORD]
-        record.prompt_tokens = job.prompt.num_tokens
         reservation = await self._reserve(job)
         headers = dict(getattr(reservation, "headers", None) or {})
         try:
@@ -166,18 +170,36 @@ class Gateway:
         except APIError as exc:
             exc.headers = {**headers, **exc.headers}
             raise
+        except asyncio.CancelledError:
+            if not self.force_stopping:
+                raise  # the client went away
+            _uncancel()
+            raise _shutting_down() from None
         finally:
+            # usage is what the engine really processed: nothing for a request refused before it
+            record.prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
             record.completion_tokens = job.completion_tokens
             record.finish_reason = job.finish_reason
             await _shielded(self._settle(reservation, job))
 
     async def _reserve(self, job: Job) -> Any:
+        """Reserve against the limits; a client gone mid-reservation gets its tokens back."""
         if self.limiter is None:
             return None
         p = job.principal
-        return await self.limiter.reserve(
+        task = asyncio.ensure_future(self.limiter.reserve(
             p.id, job.tier, p.limit_overrides, job.prompt.num_tokens, job.options.max_tokens
-        )
+        ))  # fmt: skip
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await _shielded(self._release_when_reserved(task))
+            raise
+
+    async def _release_when_reserved(self, task: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(Exception):
+            reservation = await task
+            await self.limiter.release(reservation)
 
     async def _settle(self, reservation: Any, job: Job) -> None:
         if reservation is None:
@@ -204,7 +226,8 @@ class Gateway:
     async def _run_stream(
         self, request: web.Request, job: Job, headers: dict[str, str]
     ) -> web.StreamResponse:
-        sse = SSEStream(request, self.config.server.heartbeat_seconds, headers)
+        server = self.config.server
+        sse = SSEStream(request, server.heartbeat_seconds, headers, server.stall_timeout_seconds)
         sse.start_heartbeats()
         try:
             with _deadline(job):
@@ -218,6 +241,13 @@ class Gateway:
             await self._write_error(request, sse, error)
         except ConnectionError:
             request[RECORD].disconnected = True
+        except Exception as exc:  # a bug or an unwrapped engine error: never a silent truncation
+            log.error("stream failed: %s", exc, exc_info=exc)
+            await sse.stop_heartbeats()
+            error = _internal_error()
+            if not sse.started:
+                raise error from None
+            await self._write_error(request, sse, error)
         finally:
             await sse.close()
         return sse.response
@@ -226,9 +256,8 @@ class Gateway:
         if isinstance(exc, asyncio.CancelledError):
             if not self.force_stopping:
                 raise exc  # the client went away: nothing to tell anyone
-            return ServiceUnavailable(
-                "The server is shutting down; the response was cut short.", code="shutting_down"
-            )
+            _uncancel()
+            return _shutting_down()
         assert isinstance(exc, APIError)
         return exc
 
@@ -243,11 +272,15 @@ class Gateway:
             include_usage=job.include_usage,
         )  # fmt: skip
         pending = encoder.role() if job.chat else b""
-        async for batch in Coalescer(self._deltas(request, job)).batches():
-            chunks = [encoder.text(delta.text) for delta in batch if delta.text]
-            if chunks:
-                await sse.write(pending + b"".join(chunks))
-                pending = b""
+        coalescer = Coalescer(self._deltas(request, job))
+        try:
+            async for batch in coalescer.batches():
+                chunks = [encoder.text(delta.text) for delta in batch if delta.text]
+                if chunks:
+                    await sse.write(pending + b"".join(chunks))
+                    pending = b""
+        finally:
+            await coalescer.aclose()  # the engine request ends before the slot is given back
         tail = encoder.finish(job.finish_reason or "stop")
         if job.include_usage:
             tail += encoder.usage(job.prompt.num_tokens, job.completion_tokens)
@@ -269,8 +302,9 @@ class Gateway:
                 except StopAsyncIteration:
                     break
                 except PromptTooLong as exc:
+                    param = "messages" if job.chat else "prompt"
                     raise context_length_error(exc.num_tokens, job.options.max_tokens,
-                                               exc.max_model_len) from None  # fmt: skip
+                                               exc.max_model_len, param) from None  # fmt: skip
                 except EngineError as exc:
                     raise _engine_api_error(exc) from None
                 now = loop.time()
@@ -287,6 +321,8 @@ class Gateway:
                 yield delta
         finally:
             await gen.aclose()
+            if job.ticket is not None:
+                job.ticket.release()  # the engine is done: a slow reader must not hold the slot
 
     @contextlib.asynccontextmanager
     async def _slot(
@@ -296,6 +332,7 @@ class Gateway:
             yield
             return
         ticket = self.admission.enqueue(job.options.priority, self._queue_cost(job), job.deadline)
+        job.ticket = ticket
         try:
             await self._wait_for_slot(request, ticket, sse)
             yield
@@ -330,12 +367,14 @@ def queued_comment(ticket: Any) -> str:
     return text if eta is None else f"{text} eta_ms={int(eta * 1000)}"
 
 
-def context_length_error(prompt_tokens: int, max_tokens: int, context: int) -> APIError:
+def context_length_error(
+    prompt_tokens: int, max_tokens: int, context: int, param: str = "messages"
+) -> APIError:
     return ContextLengthExceeded(
         f"This model's maximum context length is {context} tokens. However, you requested "
         f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
         "completion). Please reduce the length of the prompt or of max_tokens.",
-        param="messages",
+        param=param,
     )
 
 
@@ -360,6 +399,7 @@ def _deadline(job: Job) -> Iterator[None]:
     task = asyncio.current_task()
     assert task is not None
     expired = False
+    cancelling_before = task.cancelling()
 
     def expire() -> None:
         nonlocal expired
@@ -370,15 +410,36 @@ def _deadline(job: Job) -> Iterator[None]:
     try:
         yield
     except asyncio.CancelledError:
-        if not expired:
-            raise
-        task.uncancel()
+        if not expired or task.uncancel() > cancelling_before:
+            raise  # not ours, or a disconnect came as well: that one wins
         raise DeadlineExceeded(
             f"The request did not finish within its deadline ({DEADLINE_HEADER}); "
             "allow more time or ask for fewer tokens."
         ) from None
     finally:
         handle.cancel()
+
+
+def _uncancel() -> None:
+    """Let a task that was cancelled to end it (shutdown) still write its answer."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _shutting_down() -> APIError:
+    return ServiceUnavailable(
+        "The server is shutting down; the response was cut short. Retry on another instance.",
+        code="shutting_down",
+        headers=retry_after_header(1),
+    )
+
+
+def _internal_error() -> APIError:
+    return InternalError(
+        "The server had an error while processing your request. Retry, and if it persists, "
+        "report the X-Request-Id of this response."
+    )
 
 
 async def _shielded(coro: Any) -> None:

@@ -21,8 +21,8 @@ from llmserve.server.keys import GATEWAY
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway, principal = await _begin(request)
     params = parse_request(ChatCompletionRequest, await _body(request, gateway))
-    _note_model(request, params.model)
     gateway.check_model(params.model, principal)
+    _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_chat(params.messages)
     return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=True))
 
@@ -30,8 +30,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     gateway, principal = await _begin(request)
     params = parse_request(CompletionRequest, await _body(request, gateway))
-    _note_model(request, params.model)
     gateway.check_model(params.model, principal)
+    _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_completion(params.prompt_text)
     return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=False))
 

@@ -192,7 +192,7 @@ def _content_text(where: str, content: Any) -> str:
                     param=f"{where}.content[{i}]",
                 )
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM joins text parts
     raise InvalidRequest(
         f"Invalid type for '{where}.content': expected a string or a list of text parts.",
         param=f"{where}.content",

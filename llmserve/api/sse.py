@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from llmserve.api.objects import sse_comment
+
+log = logging.getLogger("llmserve.sse")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -29,16 +32,19 @@ class SSEStream:
         request: web.Request,
         heartbeat_seconds: float,
         headers: dict[str, str] | None = None,
+        stall_seconds: float = 60.0,
     ) -> None:
         self.request = request
         self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
         self.heartbeat_seconds = heartbeat_seconds
+        self.stall_seconds = stall_seconds
         self.comment: Callable[[], str] = lambda: "keep-alive"
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
+        self._write_started: float | None = None  # set while a write waits for the socket
         self._prepare: asyncio.Future[Any] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self.events_sent = 0
+        self._comment_write: asyncio.Future[None] | None = None
 
     @property
     def started(self) -> bool:
@@ -53,11 +59,14 @@ class SSEStream:
             self._heartbeat = asyncio.create_task(self._beat())
 
     async def write(self, data: bytes) -> None:
-        if self._prepare is None or not self._prepare.done():
-            await self._ensure_started()
-        self._last_write = self._loop.time()
-        self.events_sent += 1
-        await self.response.write(data)
+        now = self._last_write = self._loop.time()
+        self._write_started = now
+        try:
+            if self._prepare is None or not self._prepare.done():
+                await self._ensure_started()
+            await self.response.write(data)
+        finally:
+            self._write_started = None
 
     async def close(self) -> None:
         """Stop heartbeats and end the body (if the client is still there)."""
@@ -67,11 +76,12 @@ class SSEStream:
                 await self.response.write_eof()
 
     async def stop_heartbeats(self) -> None:
-        task, self._heartbeat = self._heartbeat, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await task
+        for task in (self._heartbeat, self._comment_write):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                    await task
+        self._heartbeat = self._comment_write = None
 
     async def _ensure_started(self) -> None:
         if self._prepare is None:
@@ -79,11 +89,28 @@ class SSEStream:
         await asyncio.shield(self._prepare)
 
     async def _beat(self) -> None:
+        """Heartbeats, and the guard against a client that stopped reading. It never waits on
+        the socket itself, so a stalled client cannot stall the guard."""
+        tick = min(self.heartbeat_seconds / 2, self.stall_seconds / 4, 1.0)
         while True:
-            idle = self._loop.time() - self._last_write
-            if idle < self.heartbeat_seconds:
-                await asyncio.sleep(self.heartbeat_seconds - idle)
+            await asyncio.sleep(tick)
+            now = self._loop.time()
+            if self._write_started is not None:
+                if now - self._write_started >= self.stall_seconds:
+                    self._disconnect_stalled_client()
+                    return
                 continue
-            await self._ensure_started()
-            self._last_write = self._loop.time()
-            await self.response.write(sse_comment(self.comment()))
+            if now - self._last_write >= self.heartbeat_seconds:
+                self._comment_write = asyncio.ensure_future(self.write(sse_comment(self.comment())))
+                self._comment_write.add_done_callback(_retrieve_exception)
+
+    def _disconnect_stalled_client(self) -> None:
+        log.warning("client accepted no data for %.0fs: disconnecting it", self.stall_seconds)
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()  # the pending write fails; the handler ends and settles
+
+
+def _retrieve_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failed heartbeat write: the data path will see the same error

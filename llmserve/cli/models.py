@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -14,8 +15,10 @@ models_app = typer.Typer(help="Prepare model directories vLLM can load (no model
 
 @models_app.command("import")
 def import_command(
-    gguf: Path = typer.Argument(..., help="A .gguf file (llama.cpp / Ollama format)."),
-    out_dir: Path = typer.Argument(..., help="Model directory to write (replaced if it exists)."),
+    gguf: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp / Ollama format).")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Model directory to write (replaced if it exists).")
+    ],
 ) -> None:
     """Convert a GGUF file into a model directory (bf16 safetensors, tokenizer, chat template)."""
     began = time.monotonic()
@@ -29,10 +32,15 @@ def import_command(
 
 @models_app.command("prepare")
 def prepare_command(
-    out_dir: Path = typer.Option(DEFAULT_MODEL_DIR, "--out", help="Where to write the model."),
-    cache_dir: Path | None = typer.Option(
-        None, "--cache", help="Download cache (default: ~/.cache/llmserve).", show_default=False
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where to write the model.")
+    ] = DEFAULT_MODEL_DIR,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache", help="Download cache (default: ~/.cache/llmserve).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Prepare the default model, SmolLM2-135M-Instruct (once; fast when already done)."""
     began = time.monotonic()

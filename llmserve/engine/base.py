@@ -32,6 +32,7 @@ class SamplingOptions:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     priority: int = 0  # higher is more urgent; engines without priority scheduling ignore it
+    ignore_eos: bool = False  # generate exactly max_tokens (tests, benchmarks); not a request field
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +61,11 @@ class EngineUnavailable(EngineError):
 
 
 class PromptTooLong(EngineError):
-    def __init__(self, num_tokens: int, max_model_len: int) -> None:
+    def __init__(self, num_tokens: int, max_model_len: int, max_tokens: int | None = None) -> None:
         super().__init__(f"prompt has {num_tokens} tokens, context is {max_model_len}")
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
+        self.max_tokens = max_tokens
 
 
 @runtime_checkable

@@ -77,7 +77,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", generation.chat_completions)
     app.router.add_post("/v1/completions", generation.completions)
     app.router.add_get("/v1/models", info.list_models)
-    app.router.add_get("/v1/models/{model}", info.get_model)
+    app.router.add_get("/v1/models/{model:.+}", info.get_model)  # names may hold "/"
     app.router.add_get("/health", info.health)
     app.router.add_get("/ready", info.ready)
     app.router.add_get("/metrics", info.metrics)

@@ -1,0 +1,35 @@
+"""Review: prompt tokens of requests the limiter or the queue refused are reported as used."""
+
+from __future__ import annotations
+
+from conftest import make_config
+from prometheus_client import CollectorRegistry
+from support.api import chat_body
+
+from llmserve.config import MetricsConfig
+from llmserve.engine.fake import FakeEngine
+from llmserve.limits import Limiter, store_from_url
+from llmserve.metrics import Metrics
+from llmserve.usage import open_ledger, read_usage
+
+
+async def test_a_429_adds_no_prompt_tokens_to_metrics_or_ledger(app_client, tmp_path):
+    config = make_config(tmp_path, limits={
+        "default_tier": "t", "tiers": {"t": {"requests_per_minute": 1}}})  # fmt: skip
+    limiter = Limiter(config.limits, store_from_url("memory://", tmp_path / "l"))
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, MetricsConfig(), include_default_registry=False)
+    ledger = open_ledger(config.usage)
+    client = await app_client(config, FakeEngine("fake", 256), limiter=limiter, metrics=metrics,
+                              ledger=ledger)  # fmt: skip
+    assert (await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))).status == 200
+    for _ in range(5):
+        resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))
+        assert resp.status == 429
+    ledger.close()
+    prompt = 4  # "user: hello there\nassistant:"
+    refused = [e for e in read_usage(config.usage.ledger) if e.status == 429]
+    assert [e.prompt_tokens for e in refused] == [0] * 5, "the ledger bills refused prompts"
+    counted = registry.get_sample_value("llmserve_tokens_total", {"type": "prompt", "tier": "t"})
+    assert counted == prompt, f"metrics count {counted} prompt tokens, 1 request was served"
+    await limiter.close()
