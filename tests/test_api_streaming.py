@@ -107,7 +107,7 @@ async def test_a_client_that_stops_reading_is_disconnected(app_client, tmp_path)
     engine = FakeEngine("fake", 10_000_000)
     client = await app_client(config, engine)
     body = json.dumps(chat_body(max_tokens=5_000_000, stream=True)).encode()
-    reader, writer = await asyncio.open_connection(client.host, client.port)
+    _reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
