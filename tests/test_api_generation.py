@@ -166,3 +166,12 @@ async def test_sampling_parameters_reach_the_engine(client, engine):
     assert (options.temperature, options.top_p, options.seed) == (0.5, 0.9, 7)
     assert (options.presence_penalty, options.frequency_penalty) == (0.1, -0.2)
     assert options.stop == ("x", "y")
+
+
+async def test_vllm_extensions_are_accepted_and_passed_on(client, engine):
+    resp = await client.post("/v1/completions", json={
+        "model": "fake", "prompt": "x", "max_tokens": 2, "ignore_eos": True,
+        "repetition_penalty": 1.1, "top_k": 5})  # fmt: skip
+    assert resp.status == 200
+    options = engine.calls[-1].options
+    assert (options.ignore_eos, options.repetition_penalty, options.top_k) == (True, 1.1, 5)

@@ -137,6 +137,9 @@ class Gateway:
             seed=params.seed,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            top_k=params.top_k if params.top_k not in (None, 0) else None,
+            ignore_eos=bool(params.ignore_eos),
             priority=tier.priority,
         )
 

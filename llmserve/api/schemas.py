@@ -41,6 +41,10 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    # vLLM's extensions, accepted as `vllm serve` does (its `vllm bench serve` sends them)
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    top_k: int | None = Field(None, ge=-1)
 
     @field_validator("stop")
     @classmethod

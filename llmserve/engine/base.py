@@ -31,8 +31,10 @@ class SamplingOptions:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM extension
+    top_k: int | None = None  # vLLM extension
     priority: int = 0  # higher is more urgent; engines without priority scheduling ignore it
-    ignore_eos: bool = False  # generate exactly max_tokens (tests, benchmarks); not a request field
+    ignore_eos: bool = False  # generate exactly max_tokens (vLLM extension; benchmarks, tests)
 
 
 @dataclass(frozen=True, slots=True)

@@ -249,6 +249,8 @@ class VLLMEngine:
             "top_p": options.top_p,
             "presence_penalty": options.presence_penalty,
             "frequency_penalty": options.frequency_penalty,
+            "repetition_penalty": options.repetition_penalty,
+            "top_k": options.top_k,
         }
         values = {**self._sampling_defaults}
         values.update({k: v for k, v in requested.items() if v is not None})
@@ -258,8 +260,7 @@ class VLLMEngine:
                 max_tokens=options.max_tokens,
                 stop=list(options.stop) or None,
                 seed=options.seed,
-                # Tests need exact lengths; SamplingOptions has no such field (yet): see report.
-                ignore_eos=bool(getattr(options, "ignore_eos", False)),
+                ignore_eos=options.ignore_eos,
                 output_kind=self._vllm.RequestOutputKind.DELTA,
             )
         except (ValueError, self._vllm.VLLMValidationError) as exc:  # vLLM's range checks
