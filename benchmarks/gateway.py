@@ -25,9 +25,9 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from support.process import free_port, kill_group, wait_http  # noqa: E402
+from tests.support.process import free_port, kill_group, wait_http  # noqa: E402
 
 BARE_SERVER = """
 import asyncio, json, sys

@@ -14,21 +14,9 @@ from aiohttp.test_utils import TestClient
 from llmserve.config import Config
 from llmserve.engine.fake import FakeEngine
 from llmserve.server.app import build_app
+from tests.support.api import make_config
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
-
-
-def make_config(tmp_path: Path, **sections: Any) -> Config:
-    """A Config whose state lives under tmp_path; `sections` override whole sections' fields."""
-    data: dict[str, Any] = {
-        "engine": {"kind": "fake", "served_model_name": "fake", "max_model_len": 256},
-        "auth": {"enabled": False, "keys": str(tmp_path / "keys")},
-        "limits": {"state_dir": str(tmp_path / "limits")},
-        "usage": {"ledger": str(tmp_path / "usage.jsonl")},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return Config.model_validate(data)
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import make_config
-from support.api import chat_body, parse_sse
-from support.process import llmserve_up
 
 from llmserve.admission import AdmissionQueue
 from llmserve.engine.fake import FakeEngine
+from tests.support.api import chat_body, make_config, parse_sse
+from tests.support.process import llmserve_up
 
 
 async def test_a_waiting_stream_hears_its_queue_position(app_client, tmp_path):

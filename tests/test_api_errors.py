@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_config
-from support.api import chat_body
 
 from llmserve.engine.fake import FakeEngine
+from tests.support.api import chat_body, make_config
 
 
 def assert_error_shape(body, status_code=None):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from support.api import chat_body, parse_sse
-
 from llmserve.engine.fake import WORDS
+from tests.support.api import chat_body, parse_sse
 
 
 async def test_chat_completion_returns_an_openai_object(client):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import make_config
 from prometheus_client import CollectorRegistry
-from support.api import chat_body
 
 from llmserve.admission import AdmissionQueue
 from llmserve.config import MetricsConfig
@@ -15,6 +13,7 @@ from llmserve.engine.fake import FakeEngine
 from llmserve.limits import Limiter, store_from_url
 from llmserve.metrics import Metrics
 from llmserve.usage import read_usage
+from tests.support.api import chat_body, make_config
 
 
 async def test_429_503_and_disconnect_are_counted(app_client, tmp_path):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import make_config
-from support.api import chat_body, parse_sse
-
 from llmserve.engine.fake import FakeEngine
+from tests.support.api import chat_body, make_config, parse_sse
 
 
 async def eventually(predicate, timeout=5.0):

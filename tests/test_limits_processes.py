@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.redis_server import RedisServer, start_or_skip
+
+from tests.support.redis_server import RedisServer, start_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 # Large enough that the two processes' bursts overlap in time, not one after the other.

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer, start_or_skip
 
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited, ServiceUnavailable
 from llmserve.limits import Limiter
 from llmserve.limits.stores.redis import RedisStore
+from tests.support.redis_server import RedisServer, start_or_skip
 
 pytestmark = pytest.mark.redis
 _prefixes = itertools.count()

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer, start_or_skip
 
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited
 from llmserve.limits import Limiter, Store
 from llmserve.limits.stores.memory import MemoryStore
 from llmserve.limits.stores.redis import RedisStore
+from tests.support.redis_server import RedisServer, start_or_skip
 
 NOON = float(calendar.timegm((2025, 3, 14, 12, 0, 0)))
 _prefixes = itertools.count()

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from conftest import make_config
 from prometheus_client import CollectorRegistry
 
 from llmserve.config import MetricsConfig
 from llmserve.engine.fake import FakeEngine
 from llmserve.metrics import Metrics
+from tests.support.api import make_config
 
 ROOT = Path(__file__).parent.parent
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import make_config
-from support.api import chat_body
-
 from llmserve.admission import AdmissionQueue
 from llmserve.api import sse as sse_module
 from llmserve.engine.fake import FakeEngine
 from llmserve.limits import Limiter, store_from_url
+from tests.support.api import chat_body, make_config
 
 
 async def test_engine_is_stopped_before_the_slot_is_released(app_client, tmp_path, monkeypatch):

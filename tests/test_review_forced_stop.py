@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from support.api import chat_body
 
 from llmserve.engine.fake import FakeEngine
 from llmserve.server.keys import GATEWAY, LIFECYCLE
+from tests.support.api import chat_body
 
 
 async def test_forced_stop_answers_a_json_request_with_503(app_client, config):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import make_config
-from support.api import chat_body
-
 from llmserve.engine.fake import FakeEngine
 from llmserve.usage import open_ledger, read_usage
+from tests.support.api import chat_body, make_config
 
 
 async def test_unknown_model_names_cannot_flood_the_ledger(app_client, tmp_path):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from conftest import make_config
 from prometheus_client import CollectorRegistry
-from support.api import chat_body
 
 from llmserve.config import MetricsConfig
 from llmserve.engine.fake import FakeEngine
 from llmserve.limits import Limiter, store_from_url
 from llmserve.metrics import Metrics
 from llmserve.usage import open_ledger, read_usage
+from tests.support.api import chat_body, make_config
 
 
 async def test_a_429_adds_no_prompt_tokens_to_metrics_or_ledger(app_client, tmp_path):

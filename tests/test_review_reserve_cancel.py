@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import make_config
-from support.api import chat_body
-
 from llmserve.engine.fake import FakeEngine
 from llmserve.limits import Limiter, store_from_url
 from llmserve.server.keys import LIFECYCLE
+from tests.support.api import chat_body, make_config
 
 
 class SlowReplyStore:

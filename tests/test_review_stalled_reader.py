@@ -6,11 +6,9 @@ import asyncio
 import json
 import socket
 
-from conftest import make_config
-from support.api import chat_body
-
 from llmserve.admission import AdmissionQueue
 from llmserve.engine.fake import FakeEngine
+from tests.support.api import chat_body, make_config
 
 
 async def _open_stalled_stream(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from support.api import chat_body, parse_sse
-
 from llmserve.engine.base import Delta
 from llmserve.engine.fake import FakeEngine
+from tests.support.api import chat_body, parse_sse
 
 
 class BrokenEngine(FakeEngine):

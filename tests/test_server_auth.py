@@ -7,7 +7,8 @@ import sys
 
 import httpx
 import pytest
-from support.process import free_port, llmserve_up
+
+from tests.support.process import free_port, llmserve_up
 
 
 def auth_config(tmp_path, **server):

@@ -7,13 +7,12 @@ import asyncio
 
 import aiohttp
 import pytest
-from conftest import make_config
-from support.api import chat_body
-from support.process import llmserve_up
-from support.redis_server import start_or_skip
 
 from llmserve.engine.fake import FakeEngine
 from llmserve.limits import Limiter, store_from_url
+from tests.support.api import chat_body, make_config
+from tests.support.process import llmserve_up
+from tests.support.redis_server import start_or_skip
 
 LIMIT = 40
 

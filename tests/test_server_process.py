@@ -8,7 +8,8 @@ import time
 import httpx
 import openai
 import pytest
-from support.process import llmserve_up
+
+from tests.support.process import llmserve_up
 
 
 def fake_config(tmp_path, **fake):
