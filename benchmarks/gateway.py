@@ -203,11 +203,15 @@ async def run(args: argparse.Namespace) -> None:
         print(f"{name:<10} {len(lat):>7} {pct(lat, 50):>8.3f} {pct(lat, 99):>8.3f} "
               f"{per_request:>10.0f}  {statuses}")  # fmt: skip
     (bare_lat, _), (ours, _) = results["bare"], results["llmserve"]
-    print(f"added by the gateway: p50 {pct(ours, 50) - pct(bare_lat, 50):+.3f} ms, "
-          f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms, CPU "
-          f"{(cpu['llmserve'] / len(ours) - cpu['bare'] / len(bare_lat)) * 1e6:+.0f} us/request")
-    print(f"SSE: one stream at full speed: {events:,.0f} events/s wall, "
-          f"{50_000 / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server")
+    print(
+        f"added by the gateway: p50 {pct(ours, 50) - pct(bare_lat, 50):+.3f} ms, "
+        f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms, CPU "
+        f"{(cpu['llmserve'] / len(ours) - cpu['bare'] / len(bare_lat)) * 1e6:+.0f} us/request"
+    )
+    print(
+        f"SSE: one stream at full speed: {events:,.0f} events/s wall, "
+        f"{50_000 / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server"
+    )
     for code, ((count, statuses), used) in rejections.items():
         print(f"rejections {code}: {count / 3:,.0f}/s wall, {count / max(used, 1e-9):,.0f} per "
               f"CPU-second of the server  {statuses}")  # fmt: skip
