@@ -4,6 +4,7 @@ to CPU 0; this load generator runs pinned to CPU 1. The difference of the two la
 distributions, measured in one run, is what the gateway adds.
 
     .venv/bin/python benchmarks/gateway.py [--rate 1000] [--seconds 10] [--store memory|redis]
+        [--tps 20] [--streams 1 64 512]
 
 Prints a table: requests/s achieved, p50/p99 latency of each server and their difference; SSE
 events/s of one stream at full speed; and rejection throughput (401, 429, 503).
@@ -28,19 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.process import free_port, kill_group, wait_http  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 
 BARE_SERVER = """
 import asyncio, json, sys
 from aiohttp import web
 from llmserve.engine.fake import FakeEngine
 from llmserve.engine.base import SamplingOptions
-engine = FakeEngine("fake", 4096)
+engine = FakeEngine("fake", 4096, tokens_per_second=float(sys.argv[2]))
 
 async def chat(request):
     body = await request.json()
     prompt = await engine.render_chat(body["messages"])
+    options = SamplingOptions(max_tokens=body["max_tokens"])
+    if body.get("stream"):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        async for d in engine.generate(prompt, options, "r"):
+            payload = {"choices": [{"index": 0, "delta": {"content": d.text}}]}
+            await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
     text, n = [], 0
-    async for d in engine.generate(prompt, SamplingOptions(max_tokens=body["max_tokens"]), "r"):
+    async for d in engine.generate(prompt, options, "r"):
         text.append(d.text); n += d.num_tokens
     return web.json_response({"choices": [{"message": {"content": "".join(text)}}],
                               "usage": {"completion_tokens": n}})
@@ -56,10 +67,11 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 """
 
 
-def llmserve_config(tmp: Path, port: int, store: str) -> Path:
+def llmserve_config(tmp: Path, port: int, store: str, tps: float) -> Path:
     config = {
         "server": {"host": "127.0.0.1", "port": port},
-        "engine": {"kind": "fake", "served_model_name": "fake", "max_model_len": 100000},
+        "engine": {"kind": "fake", "served_model_name": "fake", "max_model_len": 100000,
+                   "fake": {"tokens_per_second": tps}},
         "auth": {"enabled": True, "keys": str(tmp / "keys")},
         "limits": {"store": store, "state_dir": str(tmp / "limits"), "default_tier": "bench",
                    "tiers": {"bench": {"requests_per_minute": 10_000_000,
@@ -161,6 +173,31 @@ async def measured(pid: int, load) -> tuple[object, float]:
     return result, cpu_seconds(pid) - before
 
 
+async def stream_ttfts(url: str, headers: dict[str, str], concurrency: int,
+                       seconds: float) -> list[float]:  # fmt: skip
+    """Closed loop of `concurrency` streams (32 tokens each): time to the first content event."""
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 32, "stream": True}  # fmt: skip
+    ttfts: list[float] = []
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                first = None
+                async with session.post(url, json=body, headers=headers) as resp:
+                    async for line in resp.content:
+                        if first is None and line.startswith(b"data:") and b'"content":"' in line \
+                                and b'"content":""' not in line:  # fmt: skip
+                            first = time.perf_counter() - start
+                if first is not None:
+                    ttfts.append(first)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ttfts
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
@@ -171,17 +208,20 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         bare_port, serve_port = free_port(), free_port()
-        config = llmserve_config(tmp, serve_port, args.store)
+        config = llmserve_config(tmp, serve_port, args.store, args.tps)
         key = create_key(config, "bench")
         tiny_key = create_key(config, "tiny")
         auth = {"Authorization": f"Bearer {key}"}
-        results, cpu = {}, {}
-        with server([sys.executable, "-c", BARE_SERVER, str(bare_port)], bare_port) as (bare, pid):
+        results, cpu, streams = {}, {}, {}
+        bare_command = [sys.executable, "-c", BARE_SERVER, str(bare_port), str(args.tps)]
+        with server(bare_command, bare_port) as (bare, pid):
             chat = bare + "/v1/chat/completions"
             await open_loop(chat, {}, args.rate, 1, body)  # warm up
             results["bare"], cpu["bare"] = await measured(
                 pid, open_loop(chat, {}, args.rate, args.seconds, body)
             )
+            for c in args.streams:
+                streams[("bare", c)] = await stream_ttfts(chat, {}, c, args.seconds)
         command = [sys.executable, "-m", "llmserve", "up", "-c", str(config)]
         with server(command, serve_port) as (url, pid):
             chat = url + "/v1/chat/completions"
@@ -189,14 +229,21 @@ async def run(args: argparse.Namespace) -> None:
             results["llmserve"], cpu["llmserve"] = await measured(
                 pid, open_loop(chat, auth, args.rate, args.seconds, body)
             )
-            events, events_cpu = await measured(pid, stream_events(chat, auth, 50_000))
+            for c in args.streams:
+                streams[("llmserve", c)] = await stream_ttfts(chat, auth, c, args.seconds)
             rejections = {}
             for code, headers in (("401", {"Authorization": "Bearer sk-llms-nope"}),
                                   ("429", {"Authorization": f"Bearer {tiny_key}"})):  # fmt: skip
                 rejections[code] = await measured(pid, closed_loop(chat, headers, 64, 3, body))
+        fast_port = free_port()
+        fast = llmserve_config(tmp, fast_port, args.store, 0)
+        with server([sys.executable, "-m", "llmserve", "up", "-c", str(fast)],
+                    fast_port) as (url, pid):  # fmt: skip
+            chat = url + "/v1/chat/completions"
+            events, events_cpu = await measured(pid, stream_events(chat, auth, 50_000))
     print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU 0, load generator to CPU 1")
     print(f"open loop at {args.rate:.0f} req/s for {args.seconds:.0f}s, non-streaming, "
-          f"max_tokens=8, limiter store {args.store}")  # fmt: skip
+          f"max_tokens=8 at {args.tps:.0f} tokens/s, limiter store {args.store}")  # fmt: skip
     print(f"{'server':<10} {'done':>7} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10}  statuses")
     for name, (lat, statuses) in results.items():
         per_request = cpu[name] / max(1, len(lat)) * 1e6
@@ -208,6 +255,13 @@ async def run(args: argparse.Namespace) -> None:
         f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms, CPU "
         f"{(cpu['llmserve'] / len(ours) - cpu['bare'] / len(bare_lat)) * 1e6:+.0f} us/request"
     )
+    print(f"streams ({args.tps:.0f} tokens/s each, 32 tokens): time to first token")
+    print(f"{'concurrency':>11} {'bare p50':>9} {'bare p99':>9} {'ours p50':>9} {'ours p99':>9}"
+          f" {'added p99 ms':>12}")  # fmt: skip
+    for c in args.streams:
+        b, o = streams[("bare", c)], streams[("llmserve", c)]
+        print(f"{c:>11} {pct(b, 50):>9.2f} {pct(b, 99):>9.2f} {pct(o, 50):>9.2f} "
+              f"{pct(o, 99):>9.2f} {pct(o, 99) - pct(b, 99):>+12.2f}")  # fmt: skip
     print(
         f"SSE: one stream at full speed: {events:,.0f} events/s wall, "
         f"{50_000 / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server"
@@ -221,8 +275,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--store", default="memory://")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--store", default="memory", choices=["memory", "redis"])
+    parser.add_argument("--tps", type=float, default=20, help="fake engine tokens/s per request")
+    parser.add_argument("--streams", type=int, nargs="*", default=[1, 64, 512])
+    args = parser.parse_args()
+    if args.store == "memory":
+        args.store = "memory://"
+        asyncio.run(run(args))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisServer.start_new(Path(tmp))
+        try:
+            args.store = redis.url
+            asyncio.run(run(args))
+        finally:
+            redis.stop()
 
 
 if __name__ == "__main__":
