@@ -47,8 +47,8 @@ async def chat(request):
         await response.prepare(request)
         async for d in engine.generate(prompt, options, "r"):
             payload = {"choices": [{"index": 0, "delta": {"content": d.text}}]}
-            await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+            await response.write(b"data: " + json.dumps(payload).encode() + b"\\n\\n")
+        await response.write(b"data: [DONE]\\n\\n")
         return response
     text, n = [], 0
     async for d in engine.generate(prompt, options, "r"):
@@ -188,14 +188,20 @@ async def stream_ttfts(url: str, headers: dict[str, str], concurrency: int,
                 first = None
                 async with session.post(url, json=body, headers=headers) as resp:
                     async for line in resp.content:
-                        if first is None and line.startswith(b"data:") and b'"content":"' in line \
-                                and b'"content":""' not in line:  # fmt: skip
+                        if first is None and _has_content(line):
                             first = time.perf_counter() - start
                 if first is not None:
                     ttfts.append(first)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ttfts
+
+
+def _has_content(line: bytes) -> bool:
+    if not line.startswith(b"data: {"):
+        return False
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
 
 
 def pct(values: list[float], q: float) -> float:

@@ -183,7 +183,8 @@ class Gateway:
             record.prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
             record.completion_tokens = job.completion_tokens
             record.finish_reason = job.finish_reason
-            await _shielded(self._settle(reservation, job))
+            if reservation is not None:
+                await _shielded(self._settle(reservation, job))
 
     async def _reserve(self, job: Job) -> Any:
         """Reserve against the limits; a client gone mid-reservation gets its tokens back."""
@@ -224,7 +225,7 @@ class Gateway:
             text="".join(job.text), finish_reason=job.finish_reason,
             prompt_tokens=job.prompt.num_tokens, completion_tokens=job.completion_tokens,
         )  # fmt: skip
-        return web.json_response(body, headers=headers)
+        return objects.json_response(body, headers=headers)
 
     async def _run_stream(
         self, request: web.Request, job: Job, headers: dict[str, str]

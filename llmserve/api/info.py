@@ -17,7 +17,7 @@ async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     principal = request[PRINCIPAL]
     visible = [m for m in [gateway.engine.model_name] if principal.may_use(m)]
-    return web.json_response(objects.model_list(visible, _created(request)))
+    return objects.json_response(objects.model_list(visible, _created(request)))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -28,12 +28,12 @@ async def get_model(request: web.Request) -> web.Response:
             f"The model '{model}' does not exist or you do not have access to it.",
             code="model_not_found", param="model",
         )  # fmt: skip
-    return web.json_response(objects.model_object(model, _created(request)))
+    return objects.json_response(objects.model_object(model, _created(request)))
 
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: the process answers. Public, cheap, never touches the engine."""
-    return web.json_response({"status": "ok"})
+    return objects.json_response({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -49,7 +49,7 @@ async def ready(request: web.Request) -> web.Response:
             f"The model engine is not ready: {exc}.", code="engine_unavailable",
             headers=retry_after_header(5),
         ) from None  # fmt: skip
-    return web.json_response({"status": "ready", "model": gateway.engine.model_name})
+    return objects.json_response({"status": "ready", "model": gateway.engine.model_name})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -10,10 +10,22 @@ import json
 import secrets
 from typing import Any
 
+from aiohttp import web
+
 DONE = b"data: [DONE]\n\n"
 
 # ASCII-only output: any text (even lone surrogates from a broken detokenizer) encodes safely.
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_response(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A compact JSON response (aiohttp's json_response pretty-prints with spaces)."""
+    return web.Response(
+        body=_dumps(body).encode(), status=status, headers=headers,
+        content_type="application/json",
+    )  # fmt: skip
 
 
 def new_id(prefix: str) -> str:

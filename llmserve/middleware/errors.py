@@ -7,6 +7,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from llmserve.api.objects import json_response
 from llmserve.errors import (
     APIError,
     InternalError,
@@ -20,7 +21,7 @@ log = logging.getLogger("llmserve.errors")
 
 
 def error_response(exc: APIError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    return json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
 @web.middleware
