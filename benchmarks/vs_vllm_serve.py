@@ -71,7 +71,7 @@ def bench(port: int, args: argparse.Namespace, workdir: Path, name: str, key: st
 
 def llmserve_config(workdir: Path, port: int) -> Path:
     config = {
-        "server": {"host": "127.0.0.1", "port": port},
+        "server": {"host": "127.0.0.1", "port": port, "public_ready": True},
         "engine": {"model": str(MODEL), "served_model_name": "smollm2", "max_model_len": 2048,
                    "max_num_seqs": 16},
         "auth": {"keys": str(workdir / "keys")},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,3 +178,32 @@ def test_top_once_against_nothing_exits_1_without_traceback(unused_tcp_port: int
     assert result.returncode == 1
     assert "unreachable" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_top_in_a_real_terminal_against_a_live_llmserve(tmux: Tmux, tmp_path: Path) -> None:
+    import httpx
+
+    from tests.support.process import llmserve_up
+
+    config = {
+        "server": {"public_metrics": True},
+        "engine": {"kind": "fake", "served_model_name": "livefake", "max_model_len": 512},
+        "auth": {"enabled": False, "keys": str(tmp_path / "keys")},
+        "limits": {"state_dir": str(tmp_path / "limits"), "default_tier": "t",
+                   "tiers": {"t": {"requests_per_minute": 4}}},
+        "usage": {"ledger": None},
+    }  # fmt: skip
+    body = {"model": "livefake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    with llmserve_up(tmp_path, config, ready_path="/ready") as server:
+        statuses = [
+            httpx.post(server.base_url + "/v1/chat/completions", json=body).status_code
+            for _ in range(7)
+        ]
+        assert statuses == [200] * 4 + [429] * 3
+        tmux.start([*LLMSERVE, "top", server.base_url, "--interval", "0.5"])
+        screen = tmux.wait_for("429 requests_per_minute")
+        assert "model livefake" in screen and "health ok" in screen
+        row = next(line for line in screen.splitlines() if "429 requests_per_minute" in line)
+        counts = re.findall(r"\d+", row.split("requests_per_minute", 1)[1])
+        assert counts[-1] == "3", row  # the total of 429s the server counted
+        assert "Traceback" not in screen
