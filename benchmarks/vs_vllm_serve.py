@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,11 +139,30 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the servers N times")
     args = parser.parse_args()
+    runs: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        results = {"vllm serve": run_vllm(args, workdir), "llmserve": run_llmserve(args, workdir)}
-    report(results, args)
+        for i in range(args.repeats):
+            run_dir = workdir / f"run{i}"
+            run_dir.mkdir()
+            runs.append({"vllm serve": run_vllm(args, run_dir),
+                         "llmserve": run_llmserve(args, run_dir)})  # fmt: skip
+    for i, results in enumerate(runs, 1):
+        print(f"--- run {i} of {len(runs)}")
+        report(results, args)
+    if len(runs) > 1:
+        print(f"--- median over {len(runs)} runs")
+        report({name: _median_result([r[name] for r in runs]) for name in runs[0]}, args)
+
+
+def _median_result(results: list[dict]) -> dict:
+    keys = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms")
+    merged = dict(results[0])
+    for key in keys:
+        merged[key] = statistics.median(r[key] for r in results)
+    return merged
 
 
 def report(results: dict[str, dict], args: argparse.Namespace) -> None:
