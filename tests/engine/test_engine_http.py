@@ -23,6 +23,7 @@ async def api(tiny_model_dir) -> AsyncIterator[SimpleNamespace]:
     """One app and engine for the module; the app's cleanup closes the engine."""
     from aiohttp.test_utils import TestClient, TestServer
 
+    from llmserve.admission import AdmissionQueue
     from llmserve.config import Config
     from llmserve.engine.vllm import VLLMEngine
     from llmserve.server.app import build_app
@@ -33,11 +34,13 @@ async def api(tiny_model_dir) -> AsyncIterator[SimpleNamespace]:
             "engine": engine_config.model_dump(),
             "auth": {"enabled": False},
             "usage": {"ledger": None},
+            "queue": {"max_depth": 8},
         }
     )
     before = child_pids()
     engine = VLLMEngine(config.engine)
-    client = TestClient(TestServer(build_app(config, engine)))
+    admission = AdmissionQueue.from_config(config)
+    client = TestClient(TestServer(build_app(config, engine, admission=admission)))
     await client.start_server()
     try:
         first = await client.get("/ready")
@@ -164,3 +167,37 @@ async def test_client_disconnect_aborts_the_request_in_the_engine(api) -> None:
     assert unfinished(api.engine) == 1
     response.close()  # drop the connection mid-stream
     assert await wait_until(lambda: unfinished(api.engine) == 0, timeout=15)
+
+
+async def test_more_streams_than_max_num_seqs_are_answered_or_refused_cleanly(api) -> None:
+    """40 streams against 16 engine slots and 8 queue places: each one either streams to
+    [DONE] or gets a 503 with Retry-After; the engine never holds more than 16."""
+    peak = 0
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, unfinished(api.engine))
+            await asyncio.sleep(0.005)
+
+    async def one() -> str:
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 24, "stream": True}
+        response = await api.client.post("/v1/chat/completions", json=body)
+        if response.status == 503:
+            assert int(response.headers["Retry-After"]) >= 1
+            return (await response.json())["error"]["code"]
+        assert response.status == 200
+        events = await sse_events(response)
+        assert events[-1] == "[DONE]", events[-3:]
+        return "complete"
+
+    watcher = asyncio.create_task(watch())
+    async with asyncio.timeout(240):
+        outcomes = await asyncio.gather(*(one() for _ in range(40)))
+    stop.set()
+    await watcher
+    assert set(outcomes) <= {"complete", "server_overloaded"}
+    assert outcomes.count("complete") >= 24  # 16 running + 8 waiting, at least
+    assert peak <= 16
+    assert await wait_until(lambda: unfinished(api.engine) == 0, timeout=30)
