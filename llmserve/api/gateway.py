@@ -84,6 +84,8 @@ class Gateway:
         self.engine = engine
         self.limiter = limiter
         self.admission = admission
+        # a store that never yields (memory) needs no task to protect its calls from cancellation
+        self._shield_limiter = not getattr(getattr(limiter, "store", None), "never_suspends", False)
         self.ready = False  # the engine has started
         self.force_stopping = False  # set when shutdown's grace time is over
 
@@ -183,17 +185,22 @@ class Gateway:
             record.prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
             record.completion_tokens = job.completion_tokens
             record.finish_reason = job.finish_reason
-            if reservation is not None:
+            if reservation is not None and self._shield_limiter:
                 await _shielded(self._settle(reservation, job))
+            elif reservation is not None:
+                await self._settle(reservation, job)
 
     async def _reserve(self, job: Job) -> Any:
         """Reserve against the limits; a client gone mid-reservation gets its tokens back."""
         if self.limiter is None:
             return None
         p = job.principal
-        task = asyncio.ensure_future(self.limiter.reserve(
+        reserve = self.limiter.reserve(
             p.id, job.tier, p.limit_overrides, job.prompt.num_tokens, job.options.max_tokens
-        ))  # fmt: skip
+        )
+        if not self._shield_limiter:
+            return await reserve
+        task = asyncio.ensure_future(reserve)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

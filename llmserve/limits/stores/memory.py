@@ -34,6 +34,10 @@ _EXPIRY_MARGIN_SECONDS = 60.0
 
 
 class MemoryStore:
+    # reserve and adjust complete without yielding to the event loop: a caller need not shield
+    # them from cancellation (nothing can interrupt them half way)
+    never_suspends = True
+
     def __init__(self, state_dir: Path | None = None, flush_seconds: float = 1.0) -> None:
         self._state: dict[_Key, _State | None] = {}
         self._dirty: dict[_Key, float] = {}  # key -> seconds it must outlive on disk
