@@ -168,3 +168,10 @@ def test_overload_of_a_real_server_keeps_memory_bounded(tmp_path):
         assert sum(counts.values()) == 500
         assert set(counts) <= {"complete", "503:True"}, counts
     assert rss_after_second - rss_after_first < 20 * 1024, (rss_after_first, rss_after_second)
+
+
+async def test_json_responses_carry_the_queue_wait(app_client, config):
+    client = await app_client(config, FakeEngine("fake", 256), admission=AdmissionQueue(1, 1, 30))
+    resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1))
+    assert resp.status == 200
+    assert int(resp.headers["X-Queue-Wait-Ms"]) >= 0

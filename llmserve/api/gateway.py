@@ -226,6 +226,9 @@ class Gateway:
                 async for delta in self._deltas(request, job):
                     if delta.text:
                         job.text.append(delta.text)
+        waited = request[RECORD].queue_wait_seconds
+        if waited is not None:
+            headers["X-Queue-Wait-Ms"] = str(int(waited * 1000))
         build = objects.chat_completion if job.chat else objects.text_completion
         body = build(
             response_id=job.response_id, created=job.created, model=job.model,
