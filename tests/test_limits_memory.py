@@ -61,6 +61,25 @@ async def test_periodic_flush_writes_from_a_worker_thread(tmp_path: Path) -> Non
     await store.close()
 
 
+async def test_the_last_change_reaches_the_disk_without_further_traffic(tmp_path: Path) -> None:
+    import asyncio
+
+    limits = config(tmp_path)
+    store = MemoryStore(tmp_path, flush_seconds=0.05)
+    limiter = Limiter(limits, store, lambda: NOON)
+    reservation = await limiter.reserve("alice", None, {}, 100, 100)  # flushed at once
+    await limiter.settle(reservation, 100, 10)  # within the interval: must follow by itself
+    reader_usage: list[float] = []
+    async with asyncio.timeout(5):
+        while reader_usage != [0, 110, 110]:
+            await asyncio.sleep(0.05)
+            reader = MemoryStore(tmp_path)
+            usage = await Limiter(limits, reader, lambda: NOON).usage("alice", None, {})
+            reader_usage = [w.used for w in usage]
+            await reader.close()
+    await store.close()
+
+
 async def test_without_a_state_dir_nothing_is_written(tmp_path: Path) -> None:
     limits = config(tmp_path / "unused")
     store = MemoryStore(None, flush_seconds=0)

@@ -15,7 +15,7 @@ from llmserve.errors import ServiceUnavailable
 from llmserve.logs import request_id_var
 from llmserve.middleware.errors import error_response
 from llmserve.records import RequestRecord
-from llmserve.request_state import RECORD, STARTED
+from llmserve.request_state import PRINCIPAL, RECORD, STARTED
 from llmserve.server.keys import LEDGER, LIFECYCLE, METRICS
 
 access_log = logging.getLogger("llmserve.access")
@@ -92,6 +92,8 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 def _finish(request: web.Request, record: RequestRecord,
             response: web.StreamResponse | None) -> None:  # fmt: skip
     record.total_seconds = asyncio.get_running_loop().time() - request[STARTED]
+    if record.principal_id is None and (principal := request.get(PRINCIPAL)) is not None:
+        record.principal_id = principal.id
     record.status = response.status if response is not None and not record.disconnected else 499
     metrics = request.app.get(METRICS)
     if metrics is not None:

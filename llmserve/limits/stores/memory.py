@@ -50,6 +50,7 @@ class MemoryStore:
         self._flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
         self._writing: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def reserve(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float
@@ -79,6 +80,9 @@ class MemoryStore:
         return tuple(self._used(principal_id, c, now) for c in charges)
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._disk is None:
             return
         if self._writing is not None:
@@ -91,13 +95,26 @@ class MemoryStore:
         if self._disk is None or not self._dirty:
             return
         if self._writing is not None and not self._writing.done():
-            return  # one write at a time, so an older batch never lands after a newer one
+            # one write at a time, so an older batch never lands after a newer one: try later
+            if self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(max(self._flush_seconds, 0.01), self._flush_later)
+            return
         if self._flush_seconds <= 0:
             self._write_batch(self._take_dirty())
-        elif time.monotonic() - self._last_flush >= self._flush_seconds:
-            loop = asyncio.get_running_loop()
+            return
+        loop = asyncio.get_running_loop()
+        due = self._flush_seconds - (time.monotonic() - self._last_flush)
+        if due <= 0:
             self._writing = loop.run_in_executor(None, self._write_batch, self._take_dirty())
             self._writing.add_done_callback(_log_write_failure)
+        elif self._timer is None:
+            # no further traffic may come: make sure this change reaches the disk anyway
+            self._timer = loop.call_later(due, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        self._maybe_flush()
 
     def _take_dirty(self) -> _Batch:
         batch = {key: (self._state[key], keep) for key, keep in self._dirty.items()}
