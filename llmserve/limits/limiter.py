@@ -126,12 +126,14 @@ class Limiter:
             return
         delta = reservation.plan.token_cost(prompt_tokens, completion_tokens)
         delta -= reservation.token_cost
+        if delta == 0:
+            return
         corrections = tuple(
             dataclasses.replace(c, cost=delta)
             for c in reservation.charges
             if c.name != "requests_per_minute"  # a request counts once, whatever happened
         )
-        if delta == 0 or not corrections:
+        if not corrections:
             return
         if not self._breaker.allows_call():
             self.stats.settlements_lost += 1
