@@ -10,6 +10,7 @@ last line (power loss mid-write) is skipped by the reader.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -118,18 +119,27 @@ class UsageLedger:
                 self._dirty = False
 
     def _rotate(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
+        """Move the full file aside and continue in a new one. Whatever fails on the way (the
+        file was moved by someone else, a full disk), the ledger ends up with an open file of
+        its own, and it closes only the descriptor it owns."""
+        try:
+            os.fsync(self._fd)
+            with contextlib.suppress(FileNotFoundError):
+                self._shift_backups()
+        finally:
+            old, self._fd = self._fd, self._open()
+            os.close(old)
+            self._size = os.fstat(self._fd).st_size
+
+    def _shift_backups(self) -> None:
         if self.backups == 0:
             self.path.unlink()
-        else:
-            for i in range(self.backups - 1, 0, -1):
-                older = _backup(self.path, i)
-                if older.exists():
-                    older.replace(_backup(self.path, i + 1))
-            self.path.replace(_backup(self.path, 1))
-        self._fd = self._open()
-        self._size = 0
+            return
+        for i in range(self.backups - 1, 0, -1):
+            older = _backup(self.path, i)
+            if older.exists():
+                older.replace(_backup(self.path, i + 1))
+        self.path.replace(_backup(self.path, 1))
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_seconds):

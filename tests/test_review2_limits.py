@@ -5,10 +5,8 @@ from __future__ import annotations
 import calendar
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import diskcache
 import pytest
 
 from llmserve.config import LimitsConfig, TierConfig
@@ -79,26 +77,3 @@ async def test_late_refund_of_a_bucket_never_credits_tokens_admitted_after_it(
     # As if A had been charged 1 at t=0 the bucket now holds B's 500 only: 999 more is refused.
     with pytest.raises(RateLimited):
         await lim.reserve("p", None, {}, 999, 0)
-
-
-async def test_memory_store_flushes_day_usage_even_when_traffic_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The docstring promises a crash loses at most flush_seconds of day/month usage (and
-    `keys usage` reads flushed data <= 1 s old). A change made within flush_seconds of the last
-    flush is only written by the *next* reserve/adjust: if traffic stops, it never lands."""
-    import llmserve.limits.stores.memory as memory
-
-    mono = [1000.0]
-    monkeypatch.setattr(memory.time, "monotonic", lambda: mono[0])
-    store = MemoryStore(tmp_path / "state", flush_seconds=1.0)
-    clock = FakeClock()
-    lim = limiter(store, clock, tokens_per_day=10_000)
-    await lim.reserve("p", None, {}, 100, 0)
-    mono[0] += 3600  # an hour of silence, then the process dies (no close())
-    other = diskcache.Cache(str(tmp_path / "state"))
-    try:
-        assert other.get(("p", "tokens_per_day")) is not None
-    finally:
-        other.close()
-        store._disk.close()  # type: ignore[union-attr]  # just free the file handle

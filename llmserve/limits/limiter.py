@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Reservation:
     token_cost: int  # tokens held in each token window
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     finished: bool = False
+    reserved_at: float = 0.0  # the limiter clock when the hold was taken
 
     def _claim(self) -> bool:
         """True the first time only: settling twice must not refund twice."""
@@ -115,7 +117,8 @@ class Limiter:
         if not outcome.admitted:
             raise limit_reached(charges, outcome.used, now)
         after = [status(c, u + c.cost, now) for c, u in zip(charges, outcome.used, strict=True)]
-        return Reservation(principal_id, plan, charges, cost, rate_limit_headers(after))
+        headers = rate_limit_headers(after)
+        return Reservation(principal_id, plan, charges, cost, headers, reserved_at=now)
 
     async def settle(
         self, reservation: Reservation, prompt_tokens: int, completion_tokens: int
@@ -128,10 +131,12 @@ class Limiter:
         delta -= reservation.token_cost
         if delta == 0:
             return
+        now = self._clock()
         corrections = tuple(
-            dataclasses.replace(c, cost=delta)
+            dataclasses.replace(c, cost=cost)
             for c in reservation.charges
             if c.name != "requests_per_minute"  # a request counts once, whatever happened
+            and (cost := _correction(c, delta, now - reservation.reserved_at))
         )
         if not corrections:
             return
@@ -139,7 +144,7 @@ class Limiter:
             self.stats.settlements_lost += 1
             return
         try:
-            await self.store.adjust(reservation.principal_id, corrections, self._clock())
+            await self.store.adjust(reservation.principal_id, corrections, now)
         except StoreUnavailable as exc:
             self.stats.settlements_lost += 1
             self._store_failed("settle", exc)
@@ -213,3 +218,14 @@ class Limiter:
     def _store_ok(self) -> None:
         if self._breaker.record_success():
             log.warning("limiter store is reachable again; limits are enforced")
+
+
+def _correction(charge: WindowCharge, delta: int, elapsed: float) -> int:
+    """What settlement changes in one window. A refilling bucket pools every request's tokens
+    and drains them together: a refund may only take back what can still be in the bucket from
+    this reservation (its cost minus what has drained since), or it would erase tokens charged
+    to newer requests. Fixed windows get the whole difference."""
+    if charge.kind != "bucket" or delta >= 0:
+        return delta
+    still_held = max(0.0, charge.cost - max(0.0, elapsed) * charge.rate)
+    return -math.floor(min(-delta, still_held))
