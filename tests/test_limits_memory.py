@@ -80,6 +80,22 @@ async def test_the_last_change_reaches_the_disk_without_further_traffic(tmp_path
     await store.close()
 
 
+async def test_windows_that_are_over_are_forgotten(tmp_path: Path) -> None:
+    store = MemoryStore(None)
+    now = [NOON]
+    limiter = Limiter(config(tmp_path), store, lambda: now[0])
+    for i in range(12_000):  # 3 windows each: 36,000 live states, none of them over
+        await limiter.reserve(f"old{i}", None, {}, 1, 1)
+    assert len(store._state) == 36_000
+    now[0] += 40 * 86400  # 40 days later every one of those windows is over
+    i = 0
+    while any(key[0].startswith("old") for key in store._state):
+        await limiter.reserve(f"new{i}", None, {}, 1, 1)  # traffic triggers the next sweep
+        i += 1
+        assert i < 10_000, "no sweep happened"
+    assert len(store._state) == 3 * i  # only the live principals are kept
+
+
 async def test_without_a_state_dir_nothing_is_written(tmp_path: Path) -> None:
     limits = config(tmp_path / "unused")
     store = MemoryStore(None, flush_seconds=0)

@@ -51,6 +51,8 @@ class MemoryStore:
         self._last_flush = time.monotonic()
         self._writing: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._expires: dict[_Key, float] = {}  # limiter clock after which a state is void
+        self._sweep_at = _MIN_SWEEP_SIZE
 
     async def reserve(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float
@@ -61,7 +63,22 @@ class MemoryStore:
             for u, c in zip(used, charges, strict=True):
                 self._write(principal_id, c, u + c.cost, now)
             self._maybe_flush()
+        if len(self._state) >= self._sweep_at:
+            self._sweep(now)
         return ReserveOutcome(admitted, used)
+
+    def _sweep(self, now: float) -> None:
+        """Forget windows that are over (drained buckets, past days and months), so memory
+        follows the active principals, not every principal ever seen. Amortized O(1)."""
+        void = [
+            key
+            for key, state in self._state.items()
+            if key not in self._dirty and (state is None or self._expires.get(key, now) < now)
+        ]
+        for key in void:
+            del self._state[key]
+            self._expires.pop(key, None)
+        self._sweep_at = max(_MIN_SWEEP_SIZE, 2 * len(self._state))
 
     async def adjust(self, principal_id: str, charges: Sequence[WindowCharge], now: float) -> None:
         for charge in charges:
@@ -151,10 +168,15 @@ class MemoryStore:
             previous = self._state.get(key)
             last = max(now, previous[1]) if previous is not None else now
             self._state[key] = (used, last)
+            self._expires[key] = last + charge.limit / charge.rate if charge.rate else last
             return
         self._state[key] = (float(charge.window_id), used)
+        self._expires[key] = charge.window_end
         if self._disk is not None:
             self._dirty[key] = max(0.0, charge.window_end - now) + _EXPIRY_MARGIN_SECONDS
+
+
+_MIN_SWEEP_SIZE = 10_000  # states kept before the first sweep
 
 
 def _log_write_failure(future: asyncio.Future[None]) -> None:
