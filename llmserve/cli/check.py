@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import typer
 import yaml
 
 from llmserve.cli.common import ConfigOption, load_or_exit
-from llmserve.config import effective_config, resolve_config_path
+from llmserve.config import Config, effective_config, resolve_config_path
+from llmserve.errors import EngineStartError
 
 
 def check(config: Path | None = ConfigOption) -> None:
@@ -17,8 +19,25 @@ def check(config: Path | None = ConfigOption) -> None:
     Exits 2 and names the file, the setting and what was expected when something is wrong.
     """
     cfg = load_or_exit(config)
+    _check_engine_options(cfg)
     typer.echo(f"# {resolve_config_path(config)}: OK", err=True)
     typer.echo(yaml.safe_dump(effective_config(cfg), sort_keys=False).rstrip())
+
+
+def _check_engine_options(cfg: Config) -> None:
+    """engine.options are vLLM's own names: checked against vLLM when it is installed."""
+    if cfg.engine.kind != "vllm" or not cfg.engine.options:
+        return
+    if importlib.util.find_spec("vllm") is None:
+        typer.echo("# engine.options not checked: vllm is not installed", err=True)
+        return
+    from llmserve.engine.vllm import check_engine_options
+
+    try:
+        check_engine_options(cfg.engine)
+    except EngineStartError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

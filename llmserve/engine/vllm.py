@@ -28,7 +28,13 @@ from llmserve.engine.base import (
     PromptTooLong,
     SamplingOptions,
 )
-from llmserve.engine.vllm_args import BASE_ENV, EngineLaunch, build_launch, resolve_device
+from llmserve.engine.vllm_args import (
+    BASE_ENV,
+    EngineLaunch,
+    build_launch,
+    check_options,
+    resolve_device,
+)
 from llmserve.engine.vllm_render import content_length, encode, render_chat_text
 from llmserve.engine.vllm_stats import StatsSink, stat_logger_factory
 from llmserve.errors import EngineStartError, InvalidRequest
@@ -335,6 +341,11 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def check_engine_options(config: EngineConfig) -> None:
+    """Raise EngineStartError for `engine.options` vLLM would refuse (imports vllm)."""
+    check_options(config.options, _engine_arg_names())
 
 
 def _engine_arg_names() -> set[str]:
