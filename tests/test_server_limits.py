@@ -14,7 +14,7 @@ from tests.support.api import chat_body, make_config
 from tests.support.process import llmserve_up
 from tests.support.redis_server import start_or_skip
 
-LIMIT = 40
+LIMIT = 40  # requests; each costs 5 tokens of a fixed (non-refilling) day window
 
 
 def limited_config(tmp_path, store, name):
@@ -22,7 +22,7 @@ def limited_config(tmp_path, store, name):
         "engine": {"kind": "fake", "served_model_name": "fake", "max_model_len": 512},
         "auth": {"enabled": False, "keys": str(tmp_path / f"keys-{name}")},
         "limits": {"store": store, "state_dir": str(tmp_path / f"limits-{name}"),
-                   "default_tier": "t", "tiers": {"t": {"requests_per_minute": LIMIT}}},
+                   "default_tier": "t", "tiers": {"t": {"tokens_per_day": 5 * LIMIT}}},
         "usage": {"ledger": None},
         "logging": {"access_log": False},
     }  # fmt: skip
