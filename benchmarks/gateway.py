@@ -33,6 +33,11 @@ from tests.support.redis_server import RedisServer  # noqa: E402
 
 BARE_SERVER = """
 import asyncio, json, sys
+try:  # the same event loop as llmserve (server.event_loop: auto)
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+except ImportError:
+    pass
 from aiohttp import web
 from llmserve.engine.fake import FakeEngine
 from llmserve.engine.base import SamplingOptions

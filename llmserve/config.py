@@ -60,6 +60,9 @@ class ServerConfig(Section):
         gt=0,
         description="A streaming client that accepts no data for this long is disconnected.",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="`auto`: uvloop when installed (it comes with vLLM), else asyncio."
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
     )

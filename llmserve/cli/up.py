@@ -29,6 +29,7 @@ def up(
     if overrides:
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
     configure_logging(cfg.logging)
+    _use_event_loop(cfg.server.event_loop)
     try:
         code = asyncio.run(serve(cfg))
     except Exception as exc:  # a start-up failure: one clear line, details in the log
@@ -36,6 +37,20 @@ def up(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+def _use_event_loop(choice: str) -> None:
+    """uvloop serves HTTP with noticeably less CPU per request than asyncio's own loop."""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            typer.echo("error: server.event_loop is uvloop but uvloop is not installed", err=True)
+            raise typer.Exit(2) from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def register(app: typer.Typer) -> None:
