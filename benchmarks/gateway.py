@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -32,7 +33,8 @@ from tests.support.process import free_port, kill_group, wait_http  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 BARE_SERVER = """
-import asyncio, json, sys
+import asyncio, gc, json, sys
+gc.set_threshold(100_000, 10, 10)  # the garbage-collector settings llmserve serves with
 try:  # the same event loop as llmserve (server.event_loop: auto)
     import uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -63,6 +65,8 @@ async def chat(request):
 
 async def start(app):
     await engine.start()
+    gc.collect()
+    gc.freeze()
 
 app = web.Application()
 app.router.add_post("/v1/chat/completions", chat)
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument("--tps", type=float, default=20, help="fake engine tokens/s per request")
     parser.add_argument("--streams", type=int, nargs="*", default=[1, 64, 512])
     args = parser.parse_args()
+    gc.disable()  # the load generator's own collections would show up as server latency
     if args.store == "memory":
         args.store = "memory://"
         asyncio.run(run(args))

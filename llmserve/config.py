@@ -63,6 +63,19 @@ class ServerConfig(Section):
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="`auto`: uvloop when installed (it comes with vLLM), else asyncio."
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Once the engine has started, move every object that exists then out of the "
+        "garbage collector's reach (`gc.freeze`), so its full passes scan only the objects of "
+        "requests in flight, not the engine's and libraries' (pauses of tens of ms otherwise).",
+    )
+    gc_gen0_threshold: int = Field(
+        100_000,
+        ge=700,
+        description="Allocations between the garbage collector's young passes (Python's default "
+        "is 700). Higher means fewer passes over the objects of requests in flight; cyclic "
+        "garbage lives a little longer.",
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
     )

@@ -59,7 +59,7 @@ async def test_invalid_requests_name_the_parameter(client, engine, body, param, 
     assert error["param"] == param
     assert error["code"] == code
     assert fragment in error["message"]
-    assert engine.calls == []  # nothing reached the engine
+    assert not engine.calls  # nothing reached the engine
 
 
 async def test_neutral_values_of_unsupported_parameters_are_accepted(client):
@@ -98,7 +98,7 @@ async def test_body_over_the_limit_is_413(app_client, tmp_path, engine):
     resp = await client.post("/v1/chat/completions", json=chat_body("x" * 5000))
     assert resp.status == 413
     assert assert_error_shape(await resp.json())["code"] == "request_too_large"
-    assert engine.calls == []
+    assert not engine.calls
 
 
 async def test_body_over_the_limit_without_content_length_is_413(app_client, tmp_path, engine):
@@ -140,7 +140,7 @@ async def test_context_length_exceeded_gives_the_numbers(client, engine):
     assert error["code"] == "context_length_exceeded"
     assert "maximum context length is 256 tokens" in error["message"]
     assert "302 tokens (202 in the prompt, 100 in the completion)" in error["message"]
-    assert engine.calls == []
+    assert not engine.calls
 
 
 async def test_too_long_completion_prompt_names_the_prompt(client):

@@ -63,7 +63,7 @@ async def test_client_disconnect_aborts_the_engine_request(app_client, config):
     assert first.startswith(b"data: ")
     resp.close()  # the client goes away mid-stream
     await eventually(lambda: engine.aborted)
-    assert engine.aborted == [engine.calls[0].request_id]
+    assert list(engine.aborted) == [engine.calls[0].request_id]
     assert engine.running == 0
     assert engine.generated_tokens < 200
 

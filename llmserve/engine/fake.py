@@ -10,6 +10,7 @@ A stop string that equals a whole output word ends generation before that word.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ WORDS = (
 )  # fmt: skip
 
 _YIELD_EVERY = 16  # give the event loop a turn this often when generating at full speed
+
+
+RECENT_CALLS = 1000  # calls, aborts and finishes remembered
 
 
 @dataclass(slots=True)
@@ -60,9 +64,11 @@ class FakeEngine:
         self.fail_before_first_token = fail_before_first_token
         self.fail_after_tokens = fail_after_tokens
         self.max_num_seqs = max_num_seqs
-        self.calls: list[GenerateCall] = []
-        self.aborted: list[str] = []
-        self.finished: list[str] = []
+        # the most recent requests, for tests; bounded so a long benchmark run does not grow the
+        # heap (and every garbage-collector pass with it)
+        self.calls: deque[GenerateCall] = deque(maxlen=RECENT_CALLS)
+        self.aborted: deque[str] = deque(maxlen=RECENT_CALLS)
+        self.finished: deque[str] = deque(maxlen=RECENT_CALLS)
         self.running = 0
         self.max_running = 0
         self.generated_tokens = 0

@@ -16,6 +16,7 @@ from aiohttp import web
 from llmserve.config import Config
 from llmserve.server.app import ENGINE_START
 from llmserve.server.components import Components, build_components
+from llmserve.server.heap import freeze_heap, tune_collector
 from llmserve.server.keys import GATEWAY, LIFECYCLE
 
 log = logging.getLogger("llmserve.server")
@@ -29,7 +30,10 @@ async def serve(config: Config) -> int:
     runner = web.AppRunner(
         components.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
     )
+    tune_collector(config.server.gc_gen0_threshold)
     await runner.setup()
+    if config.server.gc_freeze:
+        components.app[ENGINE_START].add_done_callback(_freeze_once_started)
     try:
         await _start_sites(runner, components, config)
         exit_code = await _wait_for_end(components.app)
@@ -39,6 +43,12 @@ async def serve(config: Config) -> int:
         await components.close()
     log.info("stopped (exit code %d)", exit_code)
     return exit_code
+
+
+def _freeze_once_started(start: asyncio.Task[None]) -> None:
+    """What exists once the engine is up lives as long as the process: freeze it (heap.py)."""
+    if not start.cancelled() and start.exception() is None:
+        log.debug("froze %d objects", freeze_heap())
 
 
 async def _start_sites(runner: web.AppRunner, components: Components, config: Config) -> None:

@@ -1,0 +1,64 @@
+"""Garbage-collector settings for serving (server/heap.py, run.serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from llmserve.server import run
+from llmserve.server.heap import freeze_heap, tune_collector
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_tune_collector_sets_only_the_young_threshold(collector: None) -> None:
+    _, gen1, gen2 = gc.get_threshold()
+    tune_collector(123_456)
+    assert gc.get_threshold() == (123_456, gen1, gen2)
+
+
+def test_freeze_heap_moves_live_objects_out_of_collections(collector: None) -> None:
+    survivor = {"kept": [1, 2, 3]}
+    frozen = freeze_heap()
+    assert frozen == gc.get_freeze_count() > 1000
+    assert all(survivor is not o for o in gc.get_objects())  # no pass scans it any more
+    assert survivor["kept"] == [1, 2, 3]
+
+
+def test_the_heap_is_frozen_only_once_the_engine_started(collector: None) -> None:
+    async def outcomes() -> list[int]:
+        counts = []
+        for body in (_ok, _fails, _hangs):
+            task = asyncio.ensure_future(body())
+            await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            gc.unfreeze()
+            run._freeze_once_started(task)
+            counts.append(gc.get_freeze_count())
+        return counts
+
+    started, failed, cancelled = asyncio.run(outcomes())
+    assert started > 1000
+    assert failed == cancelled == 0
+
+
+async def _ok() -> None:
+    return None
+
+
+async def _fails() -> None:
+    raise RuntimeError("the engine did not start")
+
+
+async def _hangs() -> None:
+    await asyncio.sleep(60)
