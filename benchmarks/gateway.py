@@ -183,15 +183,21 @@ async def measured(pid: int, load) -> tuple[object, float]:
 
 
 async def stream_ttfts(url: str, headers: dict[str, str], concurrency: int,
-                       seconds: float) -> list[float]:  # fmt: skip
-    """Closed loop of `concurrency` streams (32 tokens each): time to the first content event."""
+                       seconds: float, stream_seconds: float) -> list[float]:  # fmt: skip
+    """Closed loop of `concurrency` streams (32 tokens each): time to the first content event.
+
+    The workers start spread over one stream's duration, as the streams of a steady load are: had
+    they all started at once, every stream would end, and its successor arrive, in the same
+    instant, and the last of each burst of `concurrency` new requests would wait for all the
+    others to be admitted (a burst benchmark, not a steady one)."""
     body = {"model": "fake", "messages": [{"role": "user", "content": "x"}],
             "max_tokens": 32, "stream": True}  # fmt: skip
     ttfts: list[float] = []
     stop = time.perf_counter() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
-        async def worker() -> None:
+        async def worker(index: int) -> None:
+            await asyncio.sleep(stream_seconds * index / concurrency)
             while time.perf_counter() < stop:
                 start = time.perf_counter()
                 first = None
@@ -202,7 +208,7 @@ async def stream_ttfts(url: str, headers: dict[str, str], concurrency: int,
                 if first is not None:
                     ttfts.append(first)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return ttfts
 
 
@@ -236,7 +242,7 @@ async def run(args: argparse.Namespace) -> None:
                 pid, open_loop(chat, {}, args.rate, args.seconds, body)
             )
             for c in args.streams:
-                streams[("bare", c)] = await stream_ttfts(chat, {}, c, args.seconds)
+                streams[("bare", c)] = await stream_ttfts(chat, {}, c, args.seconds, 32 / args.tps)
         command = [sys.executable, "-m", "llmserve", "up", "-c", str(config)]
         with server(command, serve_port) as (url, pid):
             chat = url + "/v1/chat/completions"
@@ -245,7 +251,8 @@ async def run(args: argparse.Namespace) -> None:
                 pid, open_loop(chat, auth, args.rate, args.seconds, body)
             )
             for c in args.streams:
-                streams[("llmserve", c)] = await stream_ttfts(chat, auth, c, args.seconds)
+                streams[("llmserve", c)] = await stream_ttfts(chat, auth, c, args.seconds,
+                                                                 32 / args.tps)
             rejections = {}
             for code, headers in (("401", {"Authorization": "Bearer sk-llms-nope"}),
                                   ("429", {"Authorization": f"Bearer {tiny_key}"})):  # fmt: skip

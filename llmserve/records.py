@@ -26,6 +26,7 @@ class RequestRecord:
     engine_seconds: float = 0.0  # time spent awaiting the engine (the rest is gateway overhead)
     inter_token_seconds: list[float] = field(default_factory=list)  # gaps between token chunks
     disconnected: bool = False  # the client went away before the end
+    admitted: bool = False  # passed the rate limiter (and so is usage, for the ledger)
 
     @property
     def overhead_seconds(self) -> float:

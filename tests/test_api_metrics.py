@@ -74,7 +74,40 @@ async def test_the_ledger_gets_one_record_per_generation_request(app_client, tmp
     ledger.close()
     entries = list(read_usage(tmp_path / "ledger.jsonl"))
     assert entries[0].request_id == "led-1"
-    assert len(entries) == 2  # the 404 is recorded, /v1/models is not
+    assert len(entries) == 1  # the 404 was refused before the limiter; /v1/models is no usage
     first = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[0])
     assert first["completion_tokens"] == 3 and first["prompt_tokens"] == 4
     assert first["status"] == 200 and first["finish_reason"] == "length"
+
+
+async def test_a_flood_of_refusals_writes_nothing_to_the_ledger(app_client, tmp_path):
+    """401s, 429s and invalid bodies are counted by the metrics, not written as usage: a flood of
+    them would otherwise rotate real usage out of the ledger."""
+    from llmserve.auth.authenticator import Authenticator
+    from llmserve.auth.keys import KeyStore
+    from llmserve.limits import Limiter, store_from_url
+    from llmserve.middleware.auth import auth_middleware
+    from llmserve.usage import UsageLedger
+
+    config = make_config(tmp_path, auth={"enabled": True}, limits={
+        "default_tier": "t", "tiers": {"t": {"requests_per_minute": 1}}})  # fmt: skip
+    ledger = UsageLedger(tmp_path / "ledger.jsonl", 1 << 20, 2)
+    limiter = Limiter(config.limits, store_from_url("memory://", tmp_path / "l"))
+    with KeyStore(tmp_path / "keys") as keys:
+        _, key = keys.create("flood")
+        auth = auth_middleware(Authenticator(config.auth, keys), config.server)
+        client = await app_client(config, FakeEngine("fake", 256), limiter=limiter,
+                                  ledger=ledger, auth_middleware=auth)  # fmt: skip
+
+        async def post(api_key: str, **kw: object) -> int:
+            kw.setdefault("json", chat_body(max_tokens=1))
+            headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+            return (await client.post("/v1/chat/completions", headers=headers, **kw)).status
+
+        statuses = [await post(key) for _ in range(4)]
+        forged = [await post("sk-llms-forged") for _ in range(3)]
+        bad = await post(key, json=None, data=b"{not json")
+    ledger.close()
+    assert statuses == [200, 429, 429, 429] and forged == [401] * 3 and bad in (400, 429)
+    assert [e.status for e in read_usage(tmp_path / "ledger.jsonl")] == [200]
+    await limiter.close()

@@ -167,6 +167,7 @@ class Gateway:
     async def run(self, request: web.Request, job: Job) -> web.StreamResponse:
         record: RequestRecord = request[RECORD]
         reservation = await self._reserve(job)
+        record.admitted = True
         headers = dict(getattr(reservation, "headers", None) or {})
         try:
             if job.stream:

@@ -1,19 +1,20 @@
-"""The outermost layer: request id, timing, in-flight tracking, access log, metrics, ledger."""
+"""The outermost layer: request id, timing, in-flight tracking, errors (middleware/errors.py),
+access log, metrics, ledger."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-import secrets
 import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from llmserve.api.objects import new_id
 from llmserve.errors import ServiceUnavailable
 from llmserve.logs import request_id_var
-from llmserve.middleware.errors import error_response
+from llmserve.middleware.errors import error_response, respond
 from llmserve.records import RequestRecord
 from llmserve.request_state import PRINCIPAL, RECORD, STARTED
 from llmserve.server.keys import LEDGER, LIFECYCLE, METRICS
@@ -36,7 +37,7 @@ GENERATION_ROUTES = ("chat", "completions")
 def request_id_from(request: web.Request) -> str:
     """The client's X-Request-Id if it is sane (printable, <= 128 chars), else a new one."""
     given = _SAFE_ID.sub("", request.headers.get("X-Request-Id", ""))[:128]
-    return given or f"req_{secrets.token_hex(12)}"
+    return given or new_id("req_")
 
 
 def route_of(path: str) -> str:
@@ -78,7 +79,7 @@ async def _handle(request: web.Request, handler: Handler, draining: bool) -> web
         request[RECORD].error_code = error.code
         response: web.StreamResponse = error_response(error)
     else:
-        response = await handler(request)
+        response = await respond(request, handler)
     return response
 
 
@@ -99,7 +100,9 @@ def _finish(request: web.Request, record: RequestRecord,
     if metrics is not None:
         metrics.observe(record)
     ledger = request.app.get(LEDGER)
-    if ledger is not None and record.route in GENERATION_ROUTES:
+    # usage is what passed the rate limiter: a flood of refusals (bad keys, 429s, bad bodies)
+    # must not rotate real usage out of the ledger; metrics and the access log count those
+    if ledger is not None and record.admitted and record.route in GENERATION_ROUTES:
         try:
             ledger.append(record)
         except OSError:

@@ -17,7 +17,6 @@ from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import Config
 from llmserve.engine.base import Engine
 from llmserve.middleware.context import add_request_id, context_middleware
-from llmserve.middleware.errors import error_middleware
 from llmserve.request_state import PRINCIPAL
 from llmserve.server.keys import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
 from llmserve.server.lifecycle import Lifecycle
@@ -41,7 +40,7 @@ def build_app(
 ) -> web.Application:
     """The API application. The engine starts in the background when the app starts, so /health
     answers at once and /ready turns 200 when the model is loaded."""
-    middlewares: list[Any] = [context_middleware, error_middleware]
+    middlewares: list[Any] = [context_middleware]  # it turns errors into responses too
     middlewares.append(auth_middleware or anonymous_principal)
     app = web.Application(
         middlewares=middlewares,
@@ -63,7 +62,7 @@ def build_app(
 
 def build_admin_app(main: web.Application) -> web.Application:
     """/metrics, /ready and /health without credentials, for a listener bound to localhost."""
-    app = web.Application(middlewares=[context_middleware, error_middleware, admin_principal])
+    app = web.Application(middlewares=[context_middleware, admin_principal])
     for key in (CONFIG, GATEWAY, LIFECYCLE, METRICS, LEDGER):
         app[key] = main[key]  # type: ignore[index]
     app.on_response_prepare.append(add_request_id)
