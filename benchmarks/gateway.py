@@ -251,8 +251,9 @@ async def run(args: argparse.Namespace) -> None:
                 pid, open_loop(chat, auth, args.rate, args.seconds, body)
             )
             for c in args.streams:
-                streams[("llmserve", c)] = await stream_ttfts(chat, auth, c, args.seconds,
-                                                                 32 / args.tps)
+                streams[("llmserve", c)] = await stream_ttfts(
+                    chat, auth, c, args.seconds, 32 / args.tps
+                )
             rejections = {}
             for code, headers in (("401", {"Authorization": "Bearer sk-llms-nope"}),
                                   ("429", {"Authorization": f"Bearer {tiny_key}"})):  # fmt: skip

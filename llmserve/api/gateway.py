@@ -119,6 +119,12 @@ class Gateway:
                 headers=retry_after_header(ENGINE_RETRY_SECONDS),
             )
 
+    def refuse_early(self, principal: Principal, tier_name: str) -> None:
+        """Raise the 429 of a caller whose requests_per_minute is spent, before its body is read
+        (limits/blocks.py)."""
+        if self.limiter is not None:
+            self.limiter.refuse_early(principal.id, tier_name, principal.limit_overrides)
+
     def tier_of(self, principal: Principal) -> tuple[str, TierConfig]:
         limits = self.config.limits
         name = principal.tier if principal.tier in limits.tiers else limits.default_tier

@@ -40,7 +40,10 @@ async def _begin(request: web.Request) -> tuple[Gateway, Principal]:
     gateway = request.app[GATEWAY]
     gateway.check_engine()
     principal: Principal = request[PRINCIPAL]
-    request[RECORD].principal_id = principal.id
+    record = request[RECORD]
+    record.principal_id = principal.id
+    record.tier = gateway.tier_of(principal)[0]
+    gateway.refuse_early(principal, record.tier)  # a caller out of requests: 429 before reading
     return gateway, principal
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from llmserve.config import LimitsConfig
 from llmserve.errors import ServiceUnavailable, retry_after_header
+from llmserve.limits.blocks import RequestBlocks
 from llmserve.limits.breaker import StoreBreaker
 from llmserve.limits.denials import limit_reached, never_fits
 from llmserve.limits.headers import rate_limit_headers
@@ -79,6 +80,7 @@ class Limiter:
         self._clock = clock
         self._breaker = StoreBreaker(clock, store_retry_seconds)
         self._plans: dict[tuple[str | None, frozenset[tuple[str, int]]], TierPlan] = {}
+        self.blocks = RequestBlocks()
 
     def plan(self, tier_name: str | None, overrides: Mapping[str, int]) -> TierPlan:
         """The tier as applied (limits, weight, default_max_tokens, priority); cached."""
@@ -89,6 +91,14 @@ class Limiter:
                 self._plans.clear()
             plan = self._plans[key] = plan_tier(self.config, tier_name, overrides)
         return plan
+
+    def refuse_early(
+        self, principal_id: str, tier_name: str | None, overrides: Mapping[str, int]
+    ) -> None:
+        """Raise RateLimited (429) at once if this caller's requests_per_minute is still spent
+        since a refusal: before its request is even read (blocks.py)."""
+        if len(self.blocks):
+            self.blocks.check(principal_id, self.plan(tier_name, overrides), self._clock())
 
     async def reserve(
         self,
@@ -115,6 +125,7 @@ class Limiter:
         if outcome is None:
             return Reservation(principal_id, plan, (), cost)
         if not outcome.admitted:
+            self.blocks.note_refusal(principal_id, plan, charges, outcome.used, now)
             raise limit_reached(charges, outcome.used, now)
         after = [status(c, u + c.cost, now) for c, u in zip(charges, outcome.used, strict=True)]
         headers = rate_limit_headers(after)

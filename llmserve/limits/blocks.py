@@ -1,0 +1,78 @@
+"""Callers whose requests_per_minute is spent, remembered so their next requests are refused
+before anything is spent on them (the body is not even read).
+
+Only that window is remembered: every request costs exactly one request in it, settlement never
+gives one back, and a bucket drains no faster than the clock, so a caller refused there cannot fit
+before the computed time, whichever server instance it calls (other instances only add usage).
+A token window's refusal depends on the request's size and on refunds of other requests, so those
+always go to the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llmserve.limits.denials import limit_reached
+from llmserve.limits.windows import WindowCharge, refill, retry_after
+
+REQUESTS_WINDOW = "requests_per_minute"
+MAX_BLOCKED = 65_536  # callers remembered at once; beyond that the expired ones are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    plan: object  # the tier plan it was computed for: a changed tier or override ends the block
+    until: float  # the limiter clock at which one more request fits
+    charges: tuple[WindowCharge, ...]  # as refused, token costs zeroed (the next size is unknown)
+    used: tuple[float, ...]
+    at: float
+
+
+class RequestBlocks:
+    def __init__(self) -> None:
+        self._blocks: dict[str, Block] = {}
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def note_refusal(
+        self, principal_id: str, plan: object, charges: Sequence[WindowCharge],
+        used: Sequence[float], now: float,
+    ) -> None:  # fmt: skip
+        """Remember a store refusal if the requests window was full."""
+        for charge, u in zip(charges, used, strict=True):
+            if charge.name == REQUESTS_WINDOW:
+                wait = retry_after(charge, u, now)
+                if wait:  # None (never fits) is refused before the store; 0 fits
+                    self._add(principal_id, Block(plan, now + wait, _requests_only(charges),
+                                                  tuple(used), now))  # fmt: skip
+                return
+
+    def check(self, principal_id: str, plan: object, now: float) -> None:
+        """Raise the 429 of a caller still blocked at `now`, with its headers as of `now`."""
+        block = self._blocks.get(principal_id)
+        if block is None:
+            return
+        if now >= block.until or block.plan is not plan:
+            del self._blocks[principal_id]
+            return
+        used = [refill(u, block.at, now, c.rate) if c.kind == "bucket" else u
+                for c, u in zip(block.charges, block.used, strict=True)]  # fmt: skip
+        # raised where it is made: an exception held in a local of the raising frame would make a
+        # reference cycle (exception -> traceback -> frame -> exception) for the collector
+        raise limit_reached(block.charges, used, now)
+
+    def _add(self, principal_id: str, block: Block) -> None:
+        if len(self._blocks) >= MAX_BLOCKED:
+            self._blocks = {p: b for p, b in self._blocks.items() if b.until > block.at}
+            if len(self._blocks) >= MAX_BLOCKED:
+                self._blocks.clear()
+        self._blocks[principal_id] = block
+
+
+def _requests_only(charges: Sequence[WindowCharge]) -> tuple[WindowCharge, ...]:
+    """The refused charges with token costs zeroed, so the 429 names the requests window."""
+    return tuple(c if c.name == REQUESTS_WINDOW else dataclasses.replace(c, cost=0)
+                 for c in charges)  # fmt: skip
