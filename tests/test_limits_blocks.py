@@ -104,3 +104,23 @@ async def test_an_early_refusal_does_not_read_the_body(app_client, tmp_path):
     assert int(early.headers["Retry-After"]) >= 59
     assert early.headers["x-ratelimit-remaining-requests"] == "0"
     await lim.close()
+
+
+def test_a_refusal_is_reused_briefly_and_only_on_the_safe_side() -> None:
+    blocks = RequestBlocks()
+    charge = charge_for(make_rule("requests_per_minute", 60), 1, 0.0)
+    plan = object()
+    blocks.note_refusal("p", plan, [charge], [60.0], now=0.0)  # full: one fits in 1 s
+
+    def refusal(now: float) -> RateLimited:
+        with pytest.raises(RateLimited) as caught:
+            blocks.check("p", plan, now)
+        return caught.value
+
+    first, soon, later = refusal(0.5), refusal(0.55), refusal(0.7)
+    assert first is not soon  # a new exception each time (a raised one keeps its traceback)
+    assert soon.message == first.message and soon.headers == first.headers
+    assert first.headers["x-ratelimit-reset-requests"] == "59.5s"  # until the bucket is empty
+    assert later.headers["x-ratelimit-reset-requests"] == "59.3s"
+    soon.headers["Retry-After"] = "999"  # a caller changing its copy changes no later refusal
+    assert refusal(0.56).headers["Retry-After"] == "1"

@@ -14,20 +14,38 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llmserve.errors import RateLimited
 from llmserve.limits.denials import limit_reached
 from llmserve.limits.windows import WindowCharge, refill, retry_after
 
 REQUESTS_WINDOW = "requests_per_minute"
 MAX_BLOCKED = 65_536  # callers remembered at once; beyond that the expired ones are dropped
+# A refusal's text and headers are reused for this long. They only err on the safe side: made a
+# moment earlier, they show a longer wait and fewer remaining, never a retry that comes too soon.
+REUSE_SECONDS = 0.1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Block:
     plan: object  # the tier plan it was computed for: a changed tier or override ends the block
     until: float  # the limiter clock at which one more request fits
     charges: tuple[WindowCharge, ...]  # as refused, token costs zeroed (the next size is unknown)
     used: tuple[float, ...]
     at: float
+    last: RateLimited | None = None  # the latest refusal made from this block
+    last_at: float = 0.0
+
+    def refusal(self, now: float) -> RateLimited:
+        """A new 429 as of `now`, its message and headers reused within REUSE_SECONDS."""
+        last = self.last
+        if last is None or now - self.last_at >= REUSE_SECONDS:
+            used = [refill(u, self.at, now, c.rate) if c.kind == "bucket" else u
+                    for c, u in zip(self.charges, self.used, strict=True)]  # fmt: skip
+            last = self.last = limit_reached(self.charges, used, now)
+            self.last_at = now
+        error = RateLimited(last.message, headers=last.headers)  # a copy of them
+        error.limit = last.limit
+        return error
 
 
 class RequestBlocks:
@@ -58,11 +76,9 @@ class RequestBlocks:
         if now >= block.until or block.plan is not plan:
             del self._blocks[principal_id]
             return
-        used = [refill(u, block.at, now, c.rate) if c.kind == "bucket" else u
-                for c, u in zip(block.charges, block.used, strict=True)]  # fmt: skip
         # raised where it is made: an exception held in a local of the raising frame would make a
         # reference cycle (exception -> traceback -> frame -> exception) for the collector
-        raise limit_reached(block.charges, used, now)
+        raise block.refusal(now)
 
     def _add(self, principal_id: str, block: Block) -> None:
         if len(self._blocks) >= MAX_BLOCKED:
