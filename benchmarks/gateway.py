@@ -45,7 +45,12 @@ from llmserve.engine.fake import FakeEngine
 from llmserve.engine.base import SamplingOptions
 engine = FakeEngine("fake", 4096, tokens_per_second=float(sys.argv[2]))
 
+REFUSAL = json.dumps({"error": {"message": "Incorrect API key provided.",
+    "type": "authentication_error", "param": None, "code": "invalid_api_key"}}).encode()
+
 async def chat(request):
+    if request.headers.get("Authorization") == "Bearer sk-llms-nope":  # the floor for a 401
+        return web.Response(body=REFUSAL, status=401, content_type="application/json")
     body = await request.json()
     prompt = await engine.render_chat(body["messages"])
     options = SamplingOptions(max_tokens=body["max_tokens"])
@@ -74,6 +79,10 @@ app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
 app.on_startup.append(start)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
+
+
+NO_KEY = {"Authorization": "Bearer sk-llms-nope"}
+SSE_EVENTS = 90_000  # one stream at full speed (CPU time is counted in 10 ms ticks)
 
 
 def llmserve_config(tmp: Path, port: int, store: str, tps: float) -> Path:
@@ -243,6 +252,7 @@ async def run(args: argparse.Namespace) -> None:
             )
             for c in args.streams:
                 streams[("bare", c)] = await stream_ttfts(chat, {}, c, args.seconds, 32 / args.tps)
+            bare_refusals = await measured(pid, closed_loop(chat, NO_KEY, 64, 3, body))
         command = [sys.executable, "-m", "llmserve", "up", "-c", str(config)]
         with server(command, serve_port) as (url, pid):
             chat = url + "/v1/chat/completions"
@@ -255,7 +265,7 @@ async def run(args: argparse.Namespace) -> None:
                     chat, auth, c, args.seconds, 32 / args.tps
                 )
             rejections = {}
-            for code, headers in (("401", {"Authorization": "Bearer sk-llms-nope"}),
+            for code, headers in (("401", NO_KEY),
                                   ("429", {"Authorization": f"Bearer {tiny_key}"})):  # fmt: skip
                 rejections[code] = await measured(pid, closed_loop(chat, headers, 64, 3, body))
         fast_port = free_port()
@@ -263,7 +273,7 @@ async def run(args: argparse.Namespace) -> None:
         with server([sys.executable, "-m", "llmserve", "up", "-c", str(fast)],
                     fast_port) as (url, pid):  # fmt: skip
             chat = url + "/v1/chat/completions"
-            events, events_cpu = await measured(pid, stream_events(chat, auth, 50_000))
+            events, events_cpu = await measured(pid, stream_events(chat, auth, SSE_EVENTS))
     print(f"machine: {os.cpu_count()} CPUs; servers pinned to CPU 0, load generator to CPU 1")
     print(f"open loop at {args.rate:.0f} req/s for {args.seconds:.0f}s, non-streaming, "
           f"max_tokens=8 at {args.tps:.0f} tokens/s, limiter store {args.store}")  # fmt: skip
@@ -287,8 +297,11 @@ async def run(args: argparse.Namespace) -> None:
               f"{pct(o, 99):>9.2f} {pct(o, 99) - pct(b, 99):>+12.2f}")  # fmt: skip
     print(
         f"SSE: one stream at full speed: {events:,.0f} events/s wall, "
-        f"{50_000 / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server"
+        f"{SSE_EVENTS / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server"
     )
+    print("rejections: wall rate (limited by this load generator on one core), and the server's "
+          "capacity (requests per CPU-second)")  # fmt: skip
+    rejections["401 bare"] = bare_refusals
     for code, ((count, statuses), used) in rejections.items():
         print(f"rejections {code}: {count / 3:,.0f}/s wall, {count / max(used, 1e-9):,.0f} per "
               f"CPU-second of the server  {statuses}")  # fmt: skip
