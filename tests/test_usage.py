@@ -168,3 +168,17 @@ def test_acknowledged_records_survive_sigkill_of_the_writer(tmp_path: Path) -> N
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert [e.request_id for e in read_usage(path)] == [f"r{i}" for i in range(500)]
+
+
+def test_the_line_written_has_exactly_the_fields_the_reader_expects(tmp_path: Path) -> None:
+    from dataclasses import fields
+
+    from llmserve.usage import UsageEntry
+
+    path = tmp_path / "usage.jsonl"
+    with UsageLedger(path, max_bytes=1 << 20, backups=2) as ledger:
+        ledger.append(record(1))
+    (line,) = path.read_text().splitlines()
+    assert set(json.loads(line)) == {f.name for f in fields(UsageEntry)}
+    (entry,) = read_usage(path)
+    assert (entry.request_id, entry.total_tokens) == ("req-1", 15)

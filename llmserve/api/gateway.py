@@ -229,20 +229,25 @@ class Gateway:
         self, request: web.Request, job: Job, headers: dict[str, str]
     ) -> web.Response:
         with _deadline(job):
-            async with self._slot(request, job, None):
+            ticket = self._enqueue(job)
+            try:
+                if ticket is not None:
+                    await self._wait_for_slot(request, ticket, None)
                 async for delta in self._deltas(request, job):
                     if delta.text:
                         job.text.append(delta.text)
+            finally:
+                if ticket is not None:
+                    ticket.release()
         waited = request[RECORD].queue_wait_seconds
         if waited is not None:
             headers["X-Queue-Wait-Ms"] = str(int(waited * 1000))
-        build = objects.chat_completion if job.chat else objects.text_completion
-        body = build(
-            response_id=job.response_id, created=job.created, model=job.model,
+        body = objects.completion_json(
+            chat=job.chat, response_id=job.response_id, created=job.created, model=job.model,
             text="".join(job.text), finish_reason=job.finish_reason,
             prompt_tokens=job.prompt.num_tokens, completion_tokens=job.completion_tokens,
         )  # fmt: skip
-        return objects.json_response(body, headers=headers)
+        return objects.json_bytes_response(body, headers=headers)
 
     async def _run_stream(
         self, request: web.Request, job: Job, headers: dict[str, str]
@@ -252,8 +257,14 @@ class Gateway:
         sse.start_heartbeats()
         try:
             with _deadline(job):
-                async with self._slot(request, job, sse):
+                ticket = self._enqueue(job)
+                try:
+                    if ticket is not None:
+                        await self._wait_for_slot(request, ticket, sse)
                     await self._stream_deltas(request, job, sse)
+                finally:
+                    if ticket is not None:
+                        ticket.release()
         except (APIError, asyncio.CancelledError) as exc:
             await sse.stop_heartbeats()
             error = self._stream_error(exc)
@@ -345,20 +356,15 @@ class Gateway:
             if job.ticket is not None:
                 job.ticket.release()  # the engine is done: a slow reader must not hold the slot
 
-    @contextlib.asynccontextmanager
-    async def _slot(
-        self, request: web.Request, job: Job, sse: SSEStream | None
-    ) -> AsyncIterator[None]:
+    def _enqueue(self, job: Job) -> Any:
+        """Join the admission queue (None without one). The caller waits for the slot and
+        releases it in a `finally`; `_deltas` releases it as soon as the engine is done."""
         if self.admission is None:
-            yield
-            return
-        ticket = self.admission.enqueue(job.options.priority, self._queue_cost(job), job.deadline)
-        job.ticket = ticket
-        try:
-            await self._wait_for_slot(request, ticket, sse)
-            yield
-        finally:
-            ticket.release()
+            return None
+        job.ticket = self.admission.enqueue(
+            job.options.priority, self._queue_cost(job), job.deadline
+        )
+        return job.ticket
 
     async def _wait_for_slot(
         self, request: web.Request, ticket: Any, sse: SSEStream | None

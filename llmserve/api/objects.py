@@ -31,6 +31,13 @@ def json_response(
 _ids = random.Random()  # seeded from os.urandom; ids must be unique, not secret
 
 
+def json_bytes_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response from an already encoded body."""
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
 def new_id(prefix: str) -> str:
     """`prefix` + 24 random hex digits (96 bits), without a system call per id."""
     return f"{prefix}{_ids.getrandbits(96):024x}"
@@ -118,6 +125,28 @@ def chat_completion(*, response_id: str, created: int, model: str, text: str,
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def completion_json(*, chat: bool, response_id: str, created: int, model: str, text: str,
+                    finish_reason: str | None, prompt_tokens: int,
+                    completion_tokens: int) -> bytes:  # fmt: skip
+    """`chat_completion(...)` or `text_completion(...)` encoded, byte for byte, from a template:
+    only the strings go through the JSON encoder (this runs once per request)."""
+    reason = "null" if finish_reason is None else _dumps(finish_reason)
+    if chat:
+        kind = "chat.completion"
+        choice = (f'{{"index":0,"message":{{"role":"assistant","content":{_dumps(text)}}},'
+                  f'"logprobs":null,"finish_reason":{reason}}}')  # fmt: skip
+    else:
+        kind = "text_completion"
+        choice = f'{{"index":0,"text":{_dumps(text)},"logprobs":null,"finish_reason":{reason}}}'
+    total = prompt_tokens + completion_tokens
+    return (
+        f'{{"id":{_dumps(response_id)},"object":"{kind}","created":{int(created)},'
+        f'"model":{_dumps(model)},"choices":[{choice}],"usage":{{"prompt_tokens":'
+        f'{int(prompt_tokens)},"completion_tokens":{int(completion_tokens)},'
+        f'"total_tokens":{int(total)}}}}}'
+    ).encode()
 
 
 def text_completion(*, response_id: str, created: int, model: str, text: str,
