@@ -19,7 +19,8 @@ import pytest
 from tests.support.redis_server import RedisServer, start_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
-# Large enough that the two processes' bursts overlap in time, not one after the other.
+# Sent in waves over ~0.25 s (the whole quota takes a process ~20 ms on its own), so the two
+# processes' attempts overlap in time, not one after the other.
 ATTEMPTS_PER_PROCESS = 1200
 COST = 30  # 10 prompt + 20 max_tokens
 QUOTA = 30_000 // COST
@@ -31,6 +32,8 @@ from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited
 from llmserve.limits import Limiter, store_from_url
 
+WAVE = 50
+
 async def main(url, state_dir, attempts):
     tier = TierConfig(requests_per_minute=100_000, tokens_per_minute=30_000)
     config = LimitsConfig(store=url, state_dir=Path(state_dir), tiers={"default": tier})
@@ -38,10 +41,12 @@ async def main(url, state_dir, attempts):
     await limiter.usage("warm-up", None, {})  # connect before the race starts
     print("ready", flush=True)
     sys.stdin.readline()
-    results = await asyncio.gather(
-        *(limiter.reserve("alice", None, {}, 10, 20) for _ in range(attempts)),
-        return_exceptions=True,
-    )
+    calls = []
+    for _ in range(attempts // WAVE):  # in waves over ~0.25 s, so that the two bursts overlap
+        calls += [asyncio.ensure_future(limiter.reserve("alice", None, {}, 10, 20))
+                  for _ in range(WAVE)]
+        await asyncio.sleep(0.01)
+    results = await asyncio.gather(*calls, return_exceptions=True)
     bad = [r for r in results if isinstance(r, BaseException) and not isinstance(r, RateLimited)]
     assert not bad, bad
     print(sum(not isinstance(r, BaseException) for r in results), flush=True)

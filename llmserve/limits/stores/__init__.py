@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from llmserve.errors import ConfigError
 from llmserve.limits.stores.base import ReserveOutcome, Store, StoreUnavailable
 from llmserve.limits.stores.memory import MemoryStore
+from llmserve.limits.stores.redis import DEFAULT_KEY_PREFIX, RedisStore
 
 __all__ = ["MemoryStore", "ReserveOutcome", "Store", "StoreUnavailable", "store_from_url"]
 
@@ -17,8 +18,9 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 def store_from_url(url: str, state_dir: Path | None = None) -> Store:
     """Build the store a `limits.store` URL names.
 
-    `memory://` persists to `state_dir` when one is given. Redis URLs take redis-py's query
-    options (`?socket_timeout=1`) plus `key_prefix`. Anything else is a ConfigError.
+    `memory://` persists to `state_dir` when one is given. Redis URLs (`redis://`, `rediss://`,
+    `unix://`; see stores/resp.py) take the query options `key_prefix`, `socket_timeout` and
+    `socket_connect_timeout` (`unix://` also `db`). Anything else is a ConfigError.
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -32,14 +34,11 @@ def store_from_url(url: str, state_dir: Path | None = None) -> Store:
 
 
 def _redis_store(url: str) -> Store:
-    try:
-        from llmserve.limits.stores.redis import DEFAULT_KEY_PREFIX, RedisStore
-    except ImportError:
-        raise ConfigError(
-            f"limits.store: {url!r} needs the redis package: pip install 'llmserve[redis]'"
-        ) from None
     url, prefix = _pop_query_option(url, "key_prefix", DEFAULT_KEY_PREFIX)
-    return RedisStore.from_url(url, key_prefix=prefix)
+    try:
+        return RedisStore.from_url(url, key_prefix=prefix)
+    except ConfigError as exc:
+        raise ConfigError(f"limits.store: {exc}") from None
 
 
 def _pop_query_option(url: str, name: str, default: str) -> tuple[str, str]:
