@@ -34,7 +34,7 @@ from tests.support.redis_server import RedisServer  # noqa: E402
 
 BARE_SERVER = """
 import asyncio, gc, json, sys
-gc.set_threshold(100_000, 10, 10)  # the garbage-collector settings llmserve serves with
+gc.set_threshold(1_000_000, 10, 10)  # the garbage-collector settings llmserve serves with
 try:  # the same event loop as llmserve (server.event_loop: auto)
     import uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -68,10 +68,16 @@ async def chat(request):
     return web.json_response({"choices": [{"message": {"content": "".join(text)}}],
                               "usage": {"completion_tokens": n}})
 
+async def collect_every_minute():
+    while True:
+        await asyncio.sleep(60)
+        gc.collect()
+
 async def start(app):
     await engine.start()
     gc.collect()
     gc.freeze()
+    app["collector"] = asyncio.create_task(collect_every_minute())
 
 app = web.Application()
 app.router.add_post("/v1/chat/completions", chat)
@@ -192,15 +198,19 @@ async def measured(pid: int, load) -> tuple[object, float]:
 
 
 async def stream_ttfts(url: str, headers: dict[str, str], concurrency: int,
-                       seconds: float, stream_seconds: float) -> list[float]:  # fmt: skip
-    """Closed loop of `concurrency` streams (32 tokens each): time to the first content event.
+                       seconds: float, tps: float) -> list[float]:  # fmt: skip
+    """Closed loop of `concurrency` streams: time to the first content event. Streams are 32
+    tokens long, except a lone stream: 2 tokens, so that it gives ~200 samples in 10 s instead
+    of 6 (its TTFT does not depend on the length).
 
     The workers start spread over one stream's duration, as the streams of a steady load are: had
     they all started at once, every stream would end, and its successor arrive, in the same
     instant, and the last of each burst of `concurrency` new requests would wait for all the
     others to be admitted (a burst benchmark, not a steady one)."""
+    tokens = 2 if concurrency == 1 else 32
+    stream_seconds = tokens / tps
     body = {"model": "fake", "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 32, "stream": True}  # fmt: skip
+            "max_tokens": tokens, "stream": True}  # fmt: skip
     ttfts: list[float] = []
     stop = time.perf_counter() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -251,7 +261,7 @@ async def run(args: argparse.Namespace) -> None:
                 pid, open_loop(chat, {}, args.rate, args.seconds, body)
             )
             for c in args.streams:
-                streams[("bare", c)] = await stream_ttfts(chat, {}, c, args.seconds, 32 / args.tps)
+                streams[("bare", c)] = await stream_ttfts(chat, {}, c, args.seconds, args.tps)
             bare_refusals = await measured(pid, closed_loop(chat, NO_KEY, 64, 3, body))
         command = [sys.executable, "-m", "llmserve", "up", "-c", str(config)]
         with server(command, serve_port) as (url, pid):
@@ -261,9 +271,7 @@ async def run(args: argparse.Namespace) -> None:
                 pid, open_loop(chat, auth, args.rate, args.seconds, body)
             )
             for c in args.streams:
-                streams[("llmserve", c)] = await stream_ttfts(
-                    chat, auth, c, args.seconds, 32 / args.tps
-                )
+                streams[("llmserve", c)] = await stream_ttfts(chat, auth, c, args.seconds, args.tps)
             rejections = {}
             for code, headers in (("401", NO_KEY),
                                   ("429", {"Authorization": f"Bearer {tiny_key}"})):  # fmt: skip
@@ -288,13 +296,15 @@ async def run(args: argparse.Namespace) -> None:
         f"p99 {pct(ours, 99) - pct(bare_lat, 99):+.3f} ms, CPU "
         f"{(cpu['llmserve'] / len(ours) - cpu['bare'] / len(bare_lat)) * 1e6:+.0f} us/request"
     )
-    print(f"streams ({args.tps:.0f} tokens/s each, 32 tokens): time to first token")
+    print(f"streams ({args.tps:.0f} tokens/s each, 32 tokens; a lone stream 2): time to first "
+          "token, ms")  # fmt: skip
     print(f"{'concurrency':>11} {'bare p50':>9} {'bare p99':>9} {'ours p50':>9} {'ours p99':>9}"
           f" {'added p99 ms':>12}")  # fmt: skip
     for c in args.streams:
         b, o = streams[("bare", c)], streams[("llmserve", c)]
         print(f"{c:>11} {pct(b, 50):>9.2f} {pct(b, 99):>9.2f} {pct(o, 50):>9.2f} "
-              f"{pct(o, 99):>9.2f} {pct(o, 99) - pct(b, 99):>+12.2f}")  # fmt: skip
+              f"{pct(o, 99):>9.2f} {pct(o, 99) - pct(b, 99):>+12.2f}"
+              f"  n={len(b)}/{len(o)}")  # fmt: skip
     print(
         f"SSE: one stream at full speed: {events:,.0f} events/s wall, "
         f"{SSE_EVENTS / max(events_cpu, 1e-9):,.0f} events per CPU-second of the server"

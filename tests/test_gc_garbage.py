@@ -71,3 +71,44 @@ async def test_no_reference_cycles_per_request(app_client, tmp_path, collector_o
         garbage = await garbage_per_request(send, expected)
         assert garbage < 1.0
     await limiter.close()
+
+
+async def test_no_reference_cycles_when_streams_end_badly(app_client, tmp_path, collector_off):
+    """A client that goes away mid-stream, and an engine that fails mid-stream."""
+    config = make_config(tmp_path, engine={"max_model_len": 100_000})
+    engine = FakeEngine("fake", 100_000, tokens_per_second=200)
+    client = await app_client(config, engine)
+
+    async def vanish() -> int:
+        resp = await client.post("/v1/chat/completions",
+                                 json=chat_body(max_tokens=1000, stream=True))  # fmt: skip
+        await resp.content.readline()
+        resp.close()  # the client hangs up after the first event
+        await _until(lambda: engine.running == 0)
+        return resp.status
+
+    # A hang-up leaves 14 objects: the in-process test client's and server's asyncio selector
+    # transports (uvloop's, which serve in production, make none). A cycle through the
+    # request's frames, as a re-raise from a local makes, is ~100 objects.
+    assert await garbage_per_request(vanish, 200) < 20
+
+    engine.fail_after_tokens = 2
+
+    async def failing() -> int:
+        resp = await client.post("/v1/chat/completions",
+                                 json=chat_body(max_tokens=10, stream=True))  # fmt: skip
+        body = await resp.read()
+        assert b'"engine_error"' in body
+        return resp.status
+
+    assert await garbage_per_request(failing, 200) < 1.0
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    import asyncio
+
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("condition never held")

@@ -62,3 +62,20 @@ async def _fails() -> None:
 
 async def _hangs() -> None:
     await asyncio.sleep(60)
+
+
+def test_collect_every_runs_full_collections_on_its_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmserve.server import heap
+
+    passes: list[float] = []
+    monkeypatch.setattr(heap.gc, "collect", lambda *a: passes.append(len(a)) or 0)
+
+    async def run_for(seconds: float) -> None:
+        task = asyncio.ensure_future(heap.collect_every(0.05))
+        await asyncio.sleep(seconds)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run_for(0.32))
+    assert 4 <= len(passes) <= 6  # every 0.05 s
+    assert set(passes) == {0}  # gc.collect(): all generations

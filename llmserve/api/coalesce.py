@@ -45,10 +45,15 @@ class Coalescer(Generic[T]):
                     yield items
                 if self._finished and not self._items:
                     if self._error is not None:
-                        raise self._error
+                        raise self._take_error()  # not from a local: no reference cycle
                     return
         finally:
             await self.aclose()
+
+    def _take_error(self) -> BaseException:
+        error, self._error = self._error, None
+        assert error is not None
+        return error
 
     async def aclose(self) -> None:
         """Stop the source (closing it aborts the engine request) and wait until it has."""

@@ -265,33 +265,30 @@ class Gateway:
                 finally:
                     if ticket is not None:
                         ticket.release()
-        except (APIError, asyncio.CancelledError) as exc:
+        # (errors are raised straight, never from a local: an exception held by a local of a
+        # frame in its own traceback is a reference cycle, left for the garbage collector)
+        except asyncio.CancelledError:
             await sse.stop_heartbeats()
-            error = self._stream_error(exc)
-            if not sse.started and not isinstance(exc, asyncio.CancelledError):
-                raise error from None
-            await self._write_error(request, sse, error)
+            if not self.force_stopping:
+                raise  # the client went away: nothing to tell anyone
+            _uncancel()
+            await self._write_error(request, sse, _shutting_down())
+        except APIError as exc:
+            await sse.stop_heartbeats()
+            if not sse.started:
+                raise  # nothing sent yet: a plain JSON error with its HTTP status
+            await self._write_error(request, sse, exc)
         except ConnectionError:
             request[RECORD].disconnected = True
         except Exception as exc:  # a bug or an unwrapped engine error: never a silent truncation
             log.error("stream failed: %s", exc, exc_info=exc)
             await sse.stop_heartbeats()
-            error = _internal_error()
             if not sse.started:
-                raise error from None
-            await self._write_error(request, sse, error)
+                raise _internal_error() from None
+            await self._write_error(request, sse, _internal_error())
         finally:
             await sse.close()
         return sse.response
-
-    def _stream_error(self, exc: BaseException) -> APIError:
-        if isinstance(exc, asyncio.CancelledError):
-            if not self.force_stopping:
-                raise exc  # the client went away: nothing to tell anyone
-            _uncancel()
-            return _shutting_down()
-        assert isinstance(exc, APIError)
-        return exc
 
     async def _write_error(self, request: web.Request, sse: SSEStream, error: APIError) -> None:
         request[RECORD].error_code = error.code

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 
@@ -16,7 +17,7 @@ from aiohttp import web
 from llmserve.config import Config
 from llmserve.server.app import ENGINE_START
 from llmserve.server.components import Components, build_components
-from llmserve.server.heap import freeze_heap, tune_collector
+from llmserve.server.heap import collect_every, freeze_heap, tune_collector
 from llmserve.server.keys import GATEWAY, LIFECYCLE
 
 log = logging.getLogger("llmserve.server")
@@ -34,6 +35,9 @@ async def serve(config: Config) -> int:
     await runner.setup()
     if config.server.gc_freeze:
         components.app[ENGINE_START].add_done_callback(_freeze_once_started)
+    if config.server.gc_collect_seconds > 0:
+        collector = asyncio.create_task(collect_every(config.server.gc_collect_seconds))
+        components.on_close(functools.partial(_stop, collector))
     try:
         await _start_sites(runner, components, config)
         exit_code = await _wait_for_end(components.app)
@@ -43,6 +47,12 @@ async def serve(config: Config) -> int:
         await components.close()
     log.info("stopped (exit code %d)", exit_code)
     return exit_code
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _freeze_once_started(start: asyncio.Task[None]) -> None:
