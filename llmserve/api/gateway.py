@@ -15,7 +15,6 @@ from typing import Any
 from aiohttp import web
 
 from llmserve.api import objects
-from llmserve.api.coalesce import Coalescer
 from llmserve.api.sse import SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.config import Config, TierConfig
@@ -301,19 +300,17 @@ class Gateway:
             include_usage=job.include_usage,
         )  # fmt: skip
         pending = encoder.role() if job.chat else b""
-        coalescer = Coalescer(self._deltas(request, job))
-        try:
-            async for batch in coalescer.batches():
-                chunks = [encoder.text(delta.text) for delta in batch if delta.text]
-                if chunks:
-                    await sse.write(pending + b"".join(chunks))
+        async with contextlib.aclosing(self._deltas(request, job)) as deltas:
+            async for delta in deltas:
+                if delta.text:
+                    await sse.send(pending + encoder.text(delta.text))
                     pending = b""
-        finally:
-            await coalescer.aclose()  # the engine request ends before the slot is given back
+        # the engine request has ended (and given its slot back): now the rest of the stream
         tail = encoder.finish(job.finish_reason or "stop")
         if job.include_usage:
             tail += encoder.usage(job.prompt.num_tokens, job.completion_tokens)
-        await sse.write(pending + tail + objects.DONE)
+        await sse.send(pending + tail + objects.DONE)
+        await sse.drain()
 
     async def _deltas(self, request: web.Request, job: Job) -> AsyncIterator[Delta]:
         """Engine deltas, with the timing and token accounting every response needs."""

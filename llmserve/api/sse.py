@@ -3,6 +3,12 @@
 The HTTP status and headers go out only with the first event or the first heartbeat, so a request
 that fails early (queue full, engine error before the first token) still gets a proper JSON error
 with its status code; a request that waits longer than one heartbeat interval is already a stream.
+
+`send` never makes the engine's reader wait for a slow client: while the socket takes the data it
+is written at once (no task in between, one write per event); once the client falls behind (the
+socket's buffer is over its high-water mark), events queue in memory and a background task writes
+them, joined, as the client reads. The engine request therefore ends, and gives its slot back,
+when generation ends, however slowly the client reads; the stall guard drops a client that stops.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class SSEStream:
         self._prepare: asyncio.Future[Any] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._comment_write: asyncio.Future[None] | None = None
+        self._backlog: list[bytes] = []  # events waiting for a client that fell behind
+        self._drainer: asyncio.Task[None] | None = None  # writes the backlog
 
     @property
     def started(self) -> bool:
@@ -68,8 +76,46 @@ class SSEStream:
         finally:
             self._write_started = None
 
+    async def send(self, data: bytes) -> None:
+        """Write `data` now if the socket takes it, else queue it behind the earlier ones."""
+        if self._drainer is not None and self._drainer.done():
+            self._take_drainer().result()  # the client caught up, or is gone: then this raises
+        if self._drainer is None:
+            if not self._congested():
+                await self.write(data)  # returns without waiting: the socket has room
+                return
+            self._drainer = asyncio.create_task(self._drain_backlog())
+        self._backlog.append(data)
+
+    async def drain(self) -> None:
+        """Wait until every event sent has been written (raises if the client went away)."""
+        if self._drainer is not None:
+            await self._take_drainer()
+
+    def _take_drainer(self) -> asyncio.Task[None]:
+        # (handed over, not kept in a local: a failure raised with a reference to its task from
+        # a frame of its own traceback would be a reference cycle)
+        drainer, self._drainer = self._drainer, None
+        assert drainer is not None
+        return drainer
+
+    def _congested(self) -> bool:
+        transport = self.request.transport
+        if transport is None or self._prepare is None:
+            return False  # not started (the first write starts it) or gone (write raises)
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+    async def _drain_backlog(self) -> None:
+        while self._backlog:
+            data, self._backlog = b"".join(self._backlog), []
+            await self.write(data)
+
     async def close(self) -> None:
         """Stop heartbeats and end the body (if the client is still there)."""
+        if self._drainer is not None and not self._drainer.done():
+            self._drainer.cancel()  # only on a failure: the data path drains before it closes
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await self._drainer
         await self.stop_heartbeats()
         if self.started:
             with contextlib.suppress(ConnectionError, RuntimeError):
