@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from llmserve.api import objects
-from llmserve.api.sse import SSEStream
+from llmserve.api.sse import Heartbeats, SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.config import Config, TierConfig
 from llmserve.engine.base import (
@@ -85,6 +85,9 @@ class Gateway:
         self.admission = admission
         # a store that never yields (memory) needs no task to protect its calls from cancellation
         self._shield_limiter = not getattr(getattr(limiter, "store", None), "never_suspends", False)
+        self.heartbeats = Heartbeats(
+            config.server.heartbeat_seconds, config.server.stall_timeout_seconds
+        )
         self.ready = False  # the engine has started
         self.force_stopping = False  # set when shutdown's grace time is over
 
@@ -251,8 +254,7 @@ class Gateway:
     async def _run_stream(
         self, request: web.Request, job: Job, headers: dict[str, str]
     ) -> web.StreamResponse:
-        server = self.config.server
-        sse = SSEStream(request, server.heartbeat_seconds, headers, server.stall_timeout_seconds)
+        sse = SSEStream(request, self.heartbeats, headers)
         sse.start_heartbeats()
         try:
             with _deadline(job):

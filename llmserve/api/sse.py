@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -36,20 +35,17 @@ class SSEStream:
     def __init__(
         self,
         request: web.Request,
-        heartbeat_seconds: float,
+        heartbeats: Heartbeats,
         headers: dict[str, str] | None = None,
-        stall_seconds: float = 60.0,
     ) -> None:
         self.request = request
+        self._heartbeats = heartbeats
         self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
-        self.heartbeat_seconds = heartbeat_seconds
-        self.stall_seconds = stall_seconds
         self.comment: Callable[[], str] = lambda: "keep-alive"
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
         self._write_started: float | None = None  # set while a write waits for the socket
-        self._prepare: asyncio.Future[Any] | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._prepare: asyncio.Future[None] | None = None  # done once the headers are out
         self._comment_write: asyncio.Future[None] | None = None
         self._backlog: list[bytes] = []  # events waiting for a client that fell behind
         self._drainer: asyncio.Task[None] | None = None  # writes the backlog
@@ -63,8 +59,7 @@ class SSEStream:
             self.response.headers[name] = value
 
     def start_heartbeats(self) -> None:
-        if self._heartbeat is None:
-            self._heartbeat = asyncio.create_task(self._beat())
+        self._heartbeats.add(self)
 
     async def write(self, data: bytes) -> None:
         now = self._last_write = self._loop.time()
@@ -122,39 +117,82 @@ class SSEStream:
                 await self.response.write_eof()
 
     async def stop_heartbeats(self) -> None:
-        for task in (self._heartbeat, self._comment_write):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
-                    await task
-        self._heartbeat = self._comment_write = None
+        self._heartbeats.discard(self)
+        task, self._comment_write = self._comment_write, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await task
 
     async def _ensure_started(self) -> None:
-        if self._prepare is None:
-            self._prepare = asyncio.ensure_future(self.response.prepare(self.request))
-        await asyncio.shield(self._prepare)
+        """Send the status and headers (with the first data); a second caller (a heartbeat
+        racing the first event) waits for the first."""
+        if self._prepare is not None:
+            await self._prepare
+            return
+        self._prepare = self._loop.create_future()
+        try:
+            await self.response.prepare(self.request)
+        finally:
+            self._prepare.set_result(None)  # a failed prepare fails the write that follows
 
-    async def _beat(self) -> None:
-        """Heartbeats, and the guard against a client that stopped reading. It never waits on
-        the socket itself, so a stalled client cannot stall the guard."""
-        tick = min(self.heartbeat_seconds / 2, self.stall_seconds / 4, 1.0)
-        while True:
-            await asyncio.sleep(tick)
-            now = self._loop.time()
-            if self._write_started is not None:
-                if now - self._write_started >= self.stall_seconds:
-                    self._disconnect_stalled_client()
-                    return
-                continue
-            if now - self._last_write >= self.heartbeat_seconds:
-                self._comment_write = asyncio.ensure_future(self.write(sse_comment(self.comment())))
-                self._comment_write.add_done_callback(_retrieve_exception)
+    def beat(self, now: float) -> None:
+        """Called by Heartbeats every tick: drop a stalled client, or send a heartbeat. Never
+        waits on the socket, so a stalled client cannot stall the guard."""
+        heartbeats = self._heartbeats
+        if self._write_started is not None:
+            if now - self._write_started >= heartbeats.stall_seconds:
+                heartbeats.discard(self)
+                self._disconnect_stalled_client()
+            return
+        if now - self._last_write >= heartbeats.heartbeat_seconds:
+            self._comment_write = asyncio.ensure_future(self.write(sse_comment(self.comment())))
+            self._comment_write.add_done_callback(_retrieve_exception)
 
     def _disconnect_stalled_client(self) -> None:
-        log.warning("client accepted no data for %.0fs: disconnecting it", self.stall_seconds)
+        log.warning("client accepted no data for %.0fs: disconnecting it",
+                    self._heartbeats.stall_seconds)  # fmt: skip
         transport = self.request.transport
         if transport is not None:
             transport.abort()  # the pending write fails; the handler ends and settles
+
+
+class Heartbeats:
+    """One task ticks for the heartbeats and stall guards of every open stream: a task of each
+    stream's own would cost more than a short stream's other work."""
+
+    def __init__(self, heartbeat_seconds: float, stall_seconds: float) -> None:
+        self.heartbeat_seconds = heartbeat_seconds
+        self.stall_seconds = stall_seconds
+        self.tick = min(heartbeat_seconds / 2, stall_seconds / 4, 1.0)
+        self._streams: set[SSEStream] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, stream: SSEStream) -> None:
+        self._streams.add(stream)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sse-heartbeats")
+
+    def discard(self, stream: SSEStream) -> None:
+        self._streams.discard(stream)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._streams:  # ends when the last stream has; `add` starts it again
+                await asyncio.sleep(self.tick)
+                now = loop.time()
+                for stream in list(self._streams):
+                    stream.beat(now)
+        finally:
+            self._task = None
 
 
 def _retrieve_exception(future: asyncio.Future[None]) -> None:

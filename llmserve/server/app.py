@@ -100,6 +100,7 @@ async def _engine_context(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     app[ENGINE_START] = asyncio.create_task(_start_engine(gateway), name="engine-start")
     yield
+    await gateway.heartbeats.close()
     start = app[ENGINE_START]
     if not start.done():
         start.cancel()

@@ -1,5 +1,5 @@
-"""A client that falls behind: the engine finishes at its own pace, the client later gets every
-event in order (SSEStream.send queues what the socket cannot take)."""
+"""SSEStream beyond one fast client: a client that falls behind gets every event in order after
+the engine is done; one heartbeat task serves every open stream."""
 
 from __future__ import annotations
 
@@ -56,3 +56,24 @@ async def test_a_slow_reader_gets_every_event_in_order_after_the_engine_is_done(
     assert text == expected  # every token, in order
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert backlogs, "the socket never filled: the queued path was not exercised"
+
+
+async def test_one_heartbeat_task_serves_every_stream_and_ends_with_them(app_client, tmp_path):
+    config = make_config(tmp_path, server={"heartbeat_seconds": 0.05})
+    engine = FakeEngine("fake", 256, ttft_seconds=0.3)  # silent for 0.3 s: heartbeats are due
+    client = await app_client(config, engine)
+
+    def beating() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "sse-heartbeats"]
+
+    async def stream() -> bytes:
+        resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=2, stream=True))
+        return await resp.read()
+
+    streams = [asyncio.ensure_future(stream()) for _ in range(20)]
+    await asyncio.sleep(0.2)
+    assert len(beating()) == 1  # not one per stream
+    bodies = await asyncio.gather(*streams)
+    assert all(b": keep-alive" in body and body.endswith(b"data: [DONE]\n\n") for body in bodies)
+    await asyncio.sleep(0.1)
+    assert beating() == []  # no stream left: the task has ended
