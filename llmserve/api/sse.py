@@ -4,11 +4,13 @@ The HTTP status and headers go out only with the first event or the first heartb
 that fails early (queue full, engine error before the first token) still gets a proper JSON error
 with its status code; a request that waits longer than one heartbeat interval is already a stream.
 
-`send` never makes the engine's reader wait for a slow client: while the socket takes the data it
-is written at once (no task in between, one write per event); once the client falls behind (the
-socket's buffer is over its high-water mark), events queue in memory and a background task writes
-them, joined, as the client reads. The engine request therefore ends, and gives its slot back,
-when generation ends, however slowly the client reads; the stall guard drops a client that stops.
+`send` never makes the engine's reader wait for a slow client: while the socket takes the data, an
+event is written at once (no task in between). Once the client falls behind (the socket's buffer
+is over its high-water mark), events queue in memory and a background task writes them, joined, as
+the client reads; the same happens to the events an engine produces faster than the event loop
+turns (all but the first of one turn go out together, one write instead of one each). The engine
+request therefore ends, and gives its slot back, when generation ends, however slowly the client
+reads; the stall guard drops a client that stops.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SSEStream:
         self._comment_write: asyncio.Future[None] | None = None
         self._backlog: list[bytes] = []  # events waiting for a client that fell behind
         self._drainer: asyncio.Task[None] | None = None  # writes the backlog
+        self._sent_this_turn = False  # an event was written in this turn of the event loop
 
     @property
     def started(self) -> bool:
@@ -72,15 +75,22 @@ class SSEStream:
             self._write_started = None
 
     async def send(self, data: bytes) -> None:
-        """Write `data` now if the socket takes it, else queue it behind the earlier ones."""
+        """Write `data` now if the socket takes it and nothing is queued; else queue it."""
         if self._drainer is not None and self._drainer.done():
-            self._take_drainer().result()  # the client caught up, or is gone: then this raises
+            self._take_drainer().result()  # the queue was written, or the client is gone: raises
         if self._drainer is None:
-            if not self._congested():
+            if not self._sent_this_turn and not self._congested():
+                self._sent_this_turn = True
+                self._loop.call_soon(self._next_turn)
                 await self.write(data)  # returns without waiting: the socket has room
                 return
+            # a second event within one loop turn (an engine far ahead of the loop: join them
+            # into one write), or a client that fell behind: a writer task takes the queue
             self._drainer = asyncio.create_task(self._drain_backlog())
         self._backlog.append(data)
+
+    def _next_turn(self) -> None:
+        self._sent_this_turn = False
 
     async def drain(self) -> None:
         """Wait until every event sent has been written (raises if the client went away)."""
