@@ -77,3 +77,26 @@ async def test_one_heartbeat_task_serves_every_stream_and_ends_with_them(app_cli
     assert all(b": keep-alive" in body and body.endswith(b"data: [DONE]\n\n") for body in bodies)
     await asyncio.sleep(0.1)
     assert beating() == []  # no stream left: the task has ended
+
+
+async def test_events_made_within_one_loop_turn_share_a_write(app_client, tmp_path, monkeypatch):
+    """The fake engine at full speed hands over 16 tokens per event-loop turn: the first goes out
+    at once, the other 15 together, so 256 tokens take ~32 writes, not 256."""
+    from llmserve.api.sse import SSEStream
+
+    writes: list[bytes] = []
+    write = SSEStream.write
+
+    async def counted(self: SSEStream, data: bytes) -> None:
+        writes.append(data)
+        await write(self, data)
+
+    monkeypatch.setattr(SSEStream, "write", counted)
+    config = make_config(tmp_path, engine={"max_model_len": 4096})
+    client = await app_client(config, FakeEngine("fake", 4096))
+    resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=256, stream=True))
+    body = await resp.read()
+    events = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert len(events) == 1 + 256 + 1 + 1  # role+first token, 255 tokens, finish, [DONE]
+    assert len(writes) <= 40, len(writes)
+    assert b"".join(writes) == body  # nothing lost or reordered on the way
