@@ -194,9 +194,7 @@ class Gateway:
             record.prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
             record.completion_tokens = job.completion_tokens
             record.finish_reason = job.finish_reason
-            if reservation is not None and self._shield_limiter:
-                await _shielded(self._settle(reservation, job))
-            elif reservation is not None:
+            if reservation is not None:
                 await self._settle(reservation, job)
 
     async def _reserve(self, job: Job) -> Any:
@@ -222,10 +220,14 @@ class Gateway:
             await self.limiter.release(reservation)
 
     async def _settle(self, reservation: Any, job: Job) -> None:
-        if reservation is None:
-            return
         prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
-        await self.limiter.settle(reservation, prompt_tokens, job.completion_tokens)
+        settlement = self.limiter.settlement(reservation, prompt_tokens, job.completion_tokens)
+        if settlement is None:
+            return  # nothing to tell the store: no task, no round trip
+        if self._shield_limiter:
+            await _shielded(self.limiter.apply(settlement))
+        else:
+            await self.limiter.apply(settlement)
 
     async def _run_json(
         self, request: web.Request, job: Job, headers: dict[str, str]

@@ -65,6 +65,15 @@ class Reservation:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The store update that settles one reservation (Limiter.settlement, then .apply)."""
+
+    principal_id: str
+    corrections: tuple[WindowCharge, ...]
+    now: float
+
+
 class Limiter:
     def __init__(
         self,
@@ -136,12 +145,21 @@ class Limiter:
     ) -> None:
         """Replace the hold by the real cost. Idempotent; never raises for a store failure
         (the hold then stays charged: the error is on the caller's side of the limit)."""
+        settlement = self.settlement(reservation, prompt_tokens, completion_tokens)
+        if settlement is not None:
+            await self.apply(settlement)
+
+    def settlement(
+        self, reservation: Reservation, prompt_tokens: int, completion_tokens: int
+    ) -> Settlement | None:
+        """settle's first half, without I/O: claim the reservation and work out the store
+        update, or None when there is none to make (often: a request that used what it held)."""
         if not reservation._claim():
-            return
+            return None
         delta = reservation.plan.token_cost(prompt_tokens, completion_tokens)
         delta -= reservation.token_cost
         if delta == 0:
-            return
+            return None
         now = self._clock()
         corrections = tuple(
             dataclasses.replace(c, cost=cost)
@@ -149,13 +167,16 @@ class Limiter:
             if c.name != "requests_per_minute"  # a request counts once, whatever happened
             and (cost := _correction(c, delta, now - reservation.reserved_at))
         )
-        if not corrections:
-            return
+        return Settlement(reservation.principal_id, corrections, now) if corrections else None
+
+    async def apply(self, settlement: Settlement) -> None:
+        """settle's second half: send the update to the store (never raises for its failure)."""
         if not self._breaker.allows_call():
             self.stats.settlements_lost += 1
             return
         try:
-            await self.store.adjust(reservation.principal_id, corrections, now)
+            await self.store.adjust(settlement.principal_id, settlement.corrections,
+                                    settlement.now)  # fmt: skip
         except StoreUnavailable as exc:
             self.stats.settlements_lost += 1
             self._store_failed("settle", exc)

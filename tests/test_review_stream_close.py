@@ -27,14 +27,14 @@ async def test_engine_is_stopped_before_the_slot_is_released(app_client, tmp_pat
         real_release(ticket)
 
     monkeypatch.setattr(queue, "_release", release)
-    real_settle = limiter.settle
+    real_settlement = limiter.settlement
 
-    async def settle(reservation, prompt, completion):
+    def settlement(reservation, prompt, completion):
         seen.setdefault("running_at_settle", engine.running)
         seen.setdefault("settled_completion", completion)
-        await real_settle(reservation, prompt, completion)
+        return real_settlement(reservation, prompt, completion)
 
-    monkeypatch.setattr(limiter, "settle", settle)
+    monkeypatch.setattr(limiter, "settlement", settlement)
     writes = 0
     real_write = sse_module.SSEStream.write
 
