@@ -117,10 +117,11 @@ class SSEStream:
 
     async def close(self) -> None:
         """Stop heartbeats and end the body (if the client is still there)."""
-        if self._drainer is not None and not self._drainer.done():
-            self._drainer.cancel()  # only on a failure: the data path drains before it closes
+        if self._drainer is not None:  # only after a failure: the data path drains first
+            if not self._drainer.done():
+                self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
-                await self._drainer
+                await self._take_drainer()  # (also retrieves the error of a failed one)
         await self.stop_heartbeats()
         if self.started:
             with contextlib.suppress(ConnectionError, RuntimeError):
