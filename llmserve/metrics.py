@@ -53,6 +53,8 @@ QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                       20.0, 30.0, 60.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
                     0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
+GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0)
 # fmt: on
 
 
@@ -324,6 +326,13 @@ class Metrics:
             (),
             OVERHEAD_BUCKETS,
         )
+        self.gc_pause = h(
+            "llmserve_gc_pause_seconds",
+            "Garbage-collector passes of the server process, by generation: every request in "
+            "flight waits this long.",
+            ("generation",),
+            GC_PAUSE_BUCKETS,
+        )
         for unlabelled in (self.ttft, self.itl, self.queue_wait, self.overhead):
             unlabelled.child()  # exported as zeros from the start: alerts see 0, not "absent"
 
@@ -399,6 +408,10 @@ class Metrics:
         if record.inter_token_seconds:
             self.itl.child().observe_many(record.inter_token_seconds)
 
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        """One garbage-collector pass (server/heap.py's PauseRecorder calls this)."""
+        self.gc_pause.child((str(generation),)).observe(seconds)
+
     # -- exposition ---------------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
@@ -451,7 +464,7 @@ class Metrics:
                 self.rate_limited, self.disconnects, self.store_errors, self.unchecked)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
-        return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead)
+        return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead, self.gc_pause)
 
     def _gauge_families(self, describe: bool) -> Iterator[Metric]:
         info = GaugeMetricFamily(

@@ -79,3 +79,28 @@ def test_collect_every_runs_full_collections_on_its_period(monkeypatch: pytest.M
     asyncio.run(run_for(0.32))
     assert 4 <= len(passes) <= 6  # every 0.05 s
     assert set(passes) == {0}  # gc.collect(): all generations
+
+
+def test_every_collector_pass_is_exported_as_a_pause() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from llmserve.config import MetricsConfig
+    from llmserve.metrics import Metrics
+    from llmserve.server.heap import PauseRecorder
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, MetricsConfig(), include_default_registry=False)
+    recorder = PauseRecorder(metrics.observe_gc_pause)
+    recorder.install()
+    try:
+        gc.collect()
+        gc.collect(0)
+    finally:
+        recorder.remove()
+    gc.collect()  # not counted any more
+    count = registry.get_sample_value
+    assert count("llmserve_gc_pause_seconds_count", {"generation": "2"}) == 1
+    assert count("llmserve_gc_pause_seconds_count", {"generation": "0"}) == 1
+    total = count("llmserve_gc_pause_seconds_sum", {"generation": "2"})
+    assert total is not None and 0 < total < 5
+    assert recorder not in gc.callbacks

@@ -22,6 +22,7 @@ from llmserve.limits import Limiter, store_from_url
 from llmserve.metrics import Metrics
 from llmserve.middleware.auth import auth_middleware
 from llmserve.server.app import build_admin_app, build_app
+from llmserve.server.heap import PauseRecorder
 from llmserve.server.keys import GATEWAY, LIFECYCLE
 from llmserve.usage import open_ledger
 
@@ -58,6 +59,9 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
     if ledger is not None:
         closers.append(ledger.close)
     metrics = Metrics(registry or CollectorRegistry(), config.metrics, limiter_stats=limiter.stats)
+    pauses = PauseRecorder(metrics.observe_gc_pause)
+    pauses.install()
+    closers.append(pauses.remove)
     engine = create_engine(config.engine)
     admission = AdmissionQueue.from_config(config)
     app = build_app(config, engine, limiter=limiter, admission=admission, metrics=metrics,

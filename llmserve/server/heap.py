@@ -25,6 +25,8 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("llmserve.server")
 
@@ -50,3 +52,28 @@ async def collect_every(seconds: float) -> None:
         freed = gc.collect()
         log.debug("garbage collection: %d objects freed in %.1f ms", freed,
                   (time.perf_counter() - started) * 1000)  # fmt: skip
+
+
+class PauseRecorder:
+    """A gc callback timing every pass: `observe(generation, seconds)` after each one.
+
+    recorder = PauseRecorder(metrics.observe_gc_pause)
+    recorder.install()      # ... recorder.remove()
+    """
+
+    def __init__(self, observe: Callable[[int, float], None]) -> None:
+        self._observe = observe
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._observe(info["generation"], time.perf_counter() - self._started)
+
+    def install(self) -> None:
+        gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
