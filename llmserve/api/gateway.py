@@ -294,9 +294,12 @@ class Gateway:
         return sse.response
 
     async def _write_error(self, request: web.Request, sse: SSEStream, error: APIError) -> None:
+        """The error event, after every event queued before it (they were generated, counted
+        and charged: the client gets them all)."""
         request[RECORD].error_code = error.code
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await sse.write(objects.sse_event(error.body()))
+            await sse.send(objects.sse_event(error.body()))
+            await sse.drain()
 
     async def _stream_deltas(self, request: web.Request, job: Job, sse: SSEStream) -> None:
         encoder = objects.ChunkEncoder(

@@ -139,7 +139,7 @@ class SSEStream:
         """Send the status and headers (with the first data); a second caller (a heartbeat
         racing the first event) waits for the first."""
         if self._prepare is not None:
-            await self._prepare
+            await asyncio.shield(self._prepare)  # a waiter cancelled must not cancel it
             return
         self._prepare = self._loop.create_future()
         try:

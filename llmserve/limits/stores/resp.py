@@ -489,6 +489,9 @@ class RespClient:
             ) from None
         except OSError as exc:
             raise RespConnectionError(f"redis at {options.where}: cannot connect ({exc})") from exc
+        if self._closed:  # close() came while connecting: the connection must not outlive it
+            conn.abort("client closed")
+            raise RespConnectionError(f"redis at {options.where}: client closed")
         self._conn = conn
         return conn
 
