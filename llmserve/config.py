@@ -75,7 +75,8 @@ class ServerConfig(Section):
         description="Net allocations of tracked objects that start an automatic young pass of "
         "the garbage collector (Python's default: 700). Each pass scans the objects of every "
         "request in flight (tens of ms under load); the request paths make no reference "
-        "cycles, so passes are left to `gc_collect_seconds` and this is only a safety net.",
+        "cycles, so passes are left to `gc_collect_seconds` and this is only a safety net. "
+        "Applied once the engine has started (processes it starts keep Python's default).",
     )
     gc_collect_seconds: float = Field(
         60.0,

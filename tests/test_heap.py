@@ -34,22 +34,25 @@ def test_freeze_heap_moves_live_objects_out_of_collections(collector: None) -> N
     assert survivor["kept"] == [1, 2, 3]
 
 
-def test_the_heap_is_frozen_only_once_the_engine_started(collector: None) -> None:
-    async def outcomes() -> list[int]:
-        counts = []
+def test_the_heap_is_frozen_and_tuned_only_once_the_engine_started(collector: None) -> None:
+    default = gc.get_threshold()
+
+    async def outcomes() -> list[tuple[int, int]]:
+        seen = []
         for body in (_ok, _fails, _hangs):
             task = asyncio.ensure_future(body())
             await asyncio.sleep(0.01)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             gc.unfreeze()
-            run._freeze_once_started(task)
-            counts.append(gc.get_freeze_count())
-        return counts
+            gc.set_threshold(*default)
+            run._tune_once_started(True, 123_456, task)
+            seen.append((gc.get_freeze_count(), gc.get_threshold()[0]))
+        return seen
 
     started, failed, cancelled = asyncio.run(outcomes())
-    assert started > 1000
-    assert failed == cancelled == 0
+    assert started[0] > 1000 and started[1] == 123_456
+    assert failed == cancelled == (0, default[0])
 
 
 async def _ok() -> None:

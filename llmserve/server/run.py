@@ -31,10 +31,11 @@ async def serve(config: Config) -> int:
     runner = web.AppRunner(
         components.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
     )
-    tune_collector(config.server.gc_gen0_threshold)
     await runner.setup()
-    if config.server.gc_freeze:
-        components.app[ENGINE_START].add_done_callback(_freeze_once_started)
+    components.app[ENGINE_START].add_done_callback(
+        functools.partial(_tune_once_started, config.server.gc_freeze,
+                          config.server.gc_gen0_threshold)
+    )  # fmt: skip
     if config.server.gc_collect_seconds > 0:
         collector = asyncio.create_task(collect_every(config.server.gc_collect_seconds))
         components.on_close(functools.partial(_stop, collector))
@@ -55,10 +56,15 @@ async def _stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _freeze_once_started(start: asyncio.Task[None]) -> None:
-    """What exists once the engine is up lives as long as the process: freeze it (heap.py)."""
-    if not start.cancelled() and start.exception() is None:
+def _tune_once_started(freeze: bool, gen0_threshold: int, start: asyncio.Task[None]) -> None:
+    """Once the engine is up (heap.py): what exists then lives as long as the process, so freeze
+    it; and from then on leave the collector's passes to the periodic collection. Not before:
+    processes the engine starts must not inherit the tuned threshold without that collection."""
+    if start.cancelled() or start.exception() is not None:
+        return
+    if freeze:
         log.debug("froze %d objects", freeze_heap())
+    tune_collector(gen0_threshold)
 
 
 async def _start_sites(runner: web.AppRunner, components: Components, config: Config) -> None:
