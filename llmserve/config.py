@@ -140,6 +140,41 @@ class EngineConfig(Section):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM AsyncEngineArgs by name (checked at start)."
     )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser for `tool_choice: auto` (`hermes`, `llama3_json`, "
+        "`mistral`, `pythonic`, ... as `vllm serve --tool-call-parser`).",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="Let the model decide to call tools (`tool_choice: auto`); needs "
+        "`tool_call_parser` (as `vllm serve --enable-auto-tool-choice`).",
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description="How far tool calls are constrained by structured outputs: `parameter` "
+        "makes forced calls' arguments valid against the tool's schema (vLLM's default, "
+        "`auto`, only when a tool says `strict: true`).",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="vLLM reasoning parser (`deepseek_r1`, `qwen3`, ...): the model's reasoning "
+        "goes to `reasoning_content`, apart from `content`.",
+    )
+    chat_template: str | None = Field(
+        None, description="A chat template (file or inline Jinja) instead of the model's own."
+    )
+    compact_json: bool = Field(
+        True,
+        description="Structured outputs (JSON schemas, forced tool calls) allow no free "
+        "whitespace between tokens (vLLM's `disable_any_whitespace`): small models otherwise "
+        "fill `max_tokens` with newlines.",
+    )
+    frontend_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra `vllm serve` frontend settings by name (e.g. "
+        "`enable_prompt_tokens_details: true`), for requests vLLM's own handlers answer.",
+    )
     fake: FakeEngineConfig = Field(
         default_factory=FakeEngineConfig, description="Settings of the fake engine."
     )
@@ -147,6 +182,12 @@ class EngineConfig(Section):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model.rstrip("/")).name
+
+    @model_validator(mode="after")
+    def _auto_tools_need_parser(self) -> EngineConfig:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        return self
 
 
 class JwtConfig(Section):

@@ -31,12 +31,11 @@ from prometheus_client.metrics_core import (
 from llmserve import __version__
 from llmserve.config import MetricsConfig
 from llmserve.engine.base import EngineStats
-from llmserve.records import RequestRecord
+from llmserve.records import GENERATION_ROUTES, RequestRecord
 
 log = logging.getLogger(__name__)
 
 PREFIX = "llmserve_"
-GENERATION_ROUTES = frozenset({"chat", "completions"})
 OTHER_PRINCIPAL = "other"  # the label value of every principal beyond the cap
 
 # Buckets (seconds) chosen for LLM serving: TTFT spans a fast prefill (10 ms) to a long queue;

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Routes that generate (their requests are usage: ledger, latency metrics)
+GENERATION_ROUTES = frozenset({"chat", "completions", "responses"})
+
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -27,6 +30,7 @@ class RequestRecord:
     inter_token_seconds: list[float] = field(default_factory=list)  # gaps between token chunks
     disconnected: bool = False  # the client went away before the end
     admitted: bool = False  # passed the rate limiter (and so is usage, for the ledger)
+    metadata: dict[str, str] | None = None  # the request's OpenAI `metadata` (bounded)
 
     @property
     def overhead_seconds(self) -> float:

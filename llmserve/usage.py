@@ -46,6 +46,7 @@ class UsageEntry:
     ttft_seconds: float | None
     total_seconds: float
     disconnected: bool
+    metadata: dict[str, str] | None = None  # the request's OpenAI `metadata`
 
     @property
     def total_tokens(self) -> int:
@@ -161,6 +162,7 @@ def _line(record: RequestRecord) -> bytes:
         "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
         "queue_wait_seconds": r.queue_wait_seconds, "ttft_seconds": r.ttft_seconds,
         "total_seconds": r.total_seconds, "disconnected": r.disconnected,
+        "metadata": r.metadata,
     }) + "\n").encode()  # fmt: skip
 
 

@@ -88,6 +88,7 @@ class Gateway:
         self.heartbeats = Heartbeats(
             config.server.heartbeat_seconds, config.server.stall_timeout_seconds
         )
+        self.priority_scheduling = config.engine.options.get("scheduling_policy") == "priority"
         self.ready = False  # the engine has started
         self.force_stopping = False  # set when shutdown's grace time is over
 
@@ -174,7 +175,7 @@ class Gateway:
 
     async def run(self, request: web.Request, job: Job) -> web.StreamResponse:
         record: RequestRecord = request[RECORD]
-        reservation = await self._reserve(job)
+        reservation = await self.reserve(job)
         record.admitted = True
         headers = dict(getattr(reservation, "headers", None) or {})
         try:
@@ -188,16 +189,16 @@ class Gateway:
             if not self.force_stopping:
                 raise  # the client went away
             _uncancel()
-            raise _shutting_down() from None
+            raise shutting_down() from None
         finally:
             # usage is what the engine really processed: nothing for a request refused before it
             record.prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
             record.completion_tokens = job.completion_tokens
             record.finish_reason = job.finish_reason
             if reservation is not None:
-                await self._settle(reservation, job)
+                await self.settle(reservation, job)
 
-    async def _reserve(self, job: Job) -> Any:
+    async def reserve(self, job: Job) -> Any:
         """Reserve against the limits; a client gone mid-reservation gets its tokens back."""
         if self.limiter is None:
             return None
@@ -219,7 +220,7 @@ class Gateway:
             reservation = await task
             await self.limiter.release(reservation)
 
-    async def _settle(self, reservation: Any, job: Job) -> None:
+    async def settle(self, reservation: Any, job: Job) -> None:
         prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
         settlement = self.limiter.settlement(reservation, prompt_tokens, job.completion_tokens)
         if settlement is None:
@@ -233,10 +234,10 @@ class Gateway:
         self, request: web.Request, job: Job, headers: dict[str, str]
     ) -> web.Response:
         with _deadline(job):
-            ticket = self._enqueue(job)
+            ticket = self.enqueue(job)
             try:
                 if ticket is not None:
-                    await self._wait_for_slot(request, ticket, None)
+                    await self.wait_for_slot(request, ticket, None)
                 async for delta in self._deltas(request, job):
                     if delta.text:
                         job.text.append(delta.text)
@@ -260,10 +261,10 @@ class Gateway:
         sse.start_heartbeats()
         try:
             with _deadline(job):
-                ticket = self._enqueue(job)
+                ticket = self.enqueue(job)
                 try:
                     if ticket is not None:
-                        await self._wait_for_slot(request, ticket, sse)
+                        await self.wait_for_slot(request, ticket, sse)
                     await self._stream_deltas(request, job, sse)
                 finally:
                     if ticket is not None:
@@ -275,7 +276,7 @@ class Gateway:
             if not self.force_stopping:
                 raise  # the client went away: nothing to tell anyone
             _uncancel()
-            await self._write_error(request, sse, _shutting_down())
+            await self._write_error(request, sse, shutting_down())
         except APIError as exc:
             await sse.stop_heartbeats()
             if not sse.started:
@@ -357,7 +358,7 @@ class Gateway:
             if job.ticket is not None:
                 job.ticket.release()  # the engine is done: a slow reader must not hold the slot
 
-    def _enqueue(self, job: Job) -> Any:
+    def enqueue(self, job: Job) -> Any:
         """Join the admission queue (None without one). The caller waits for the slot and
         releases it in a `finally`; `_deltas` releases it as soon as the engine is done."""
         if self.admission is None:
@@ -367,7 +368,7 @@ class Gateway:
         )
         return job.ticket
 
-    async def _wait_for_slot(
+    async def wait_for_slot(
         self, request: web.Request, ticket: Any, sse: SSEStream | None
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -455,7 +456,7 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _shutting_down() -> APIError:
+def shutting_down() -> APIError:
     return ServiceUnavailable(
         "The server is shutting down; the response was cut short. Retry on another instance.",
         code="shutting_down",

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions and POST /v1/completions."""
+"""POST /v1/chat/completions, /v1/completions and /v1/responses, /tokenize and /detokenize.
+
+Plain text generation takes the fast path (api/schemas.py, api/gateway.py); everything else is
+answered by the engine's own OpenAI frontend (api/delegated.py).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,14 @@ from aiohttp import web
 from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.api import objects
 from llmserve.api.body import read_json_body
+from llmserve.api.delegated import delegate
 from llmserve.api.gateway import Gateway, Job
-from llmserve.api.schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from llmserve.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NotNative,
+    parse_request,
+)
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import Prompt
 from llmserve.request_state import PRINCIPAL, RECORD
@@ -20,7 +30,13 @@ from llmserve.server.keys import GATEWAY
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway, principal = await _begin(request)
-    params = parse_request(ChatCompletionRequest, await _body(request, gateway))
+    raw = await _body(request, gateway)
+    if gateway.config.engine.reasoning_parser and gateway.engine.frontend is not None:
+        return await delegate(request, gateway, principal, "chat", raw)
+    try:
+        params = parse_request(ChatCompletionRequest, raw)
+    except NotNative as exc:
+        return await delegate(request, gateway, principal, "chat", raw, exc)
     gateway.check_model(params.model, principal)
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_chat(params.messages)
@@ -29,11 +45,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     gateway, principal = await _begin(request)
-    params = parse_request(CompletionRequest, await _body(request, gateway))
+    raw = await _body(request, gateway)
+    try:
+        params = parse_request(CompletionRequest, raw)
+    except NotNative as exc:
+        return await delegate(request, gateway, principal, "completions", raw, exc)
     gateway.check_model(params.model, principal)
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_completion(params.prompt_text)
     return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=False))
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    gateway, principal = await _begin(request)
+    return await delegate(request, gateway, principal, "responses", await _body(request, gateway))
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    gateway, principal = await _begin(request)
+    return await delegate(request, gateway, principal, "tokenize", await _body(request, gateway))
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    gateway, principal = await _begin(request)
+    return await delegate(request, gateway, principal, "detokenize", await _body(request, gateway))
 
 
 async def _begin(request: web.Request) -> tuple[Gateway, Principal]:

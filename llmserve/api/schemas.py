@@ -1,4 +1,12 @@
-"""OpenAI request bodies, validated strictly, with errors that name the offending parameter."""
+"""OpenAI request bodies of the fast path, validated strictly, with errors that name the
+offending parameter.
+
+The fast path handles plain text generation (the bulk of traffic) without the engine's own
+request models. A request it does not handle (tools, structured outputs, logprobs, n > 1,
+vLLM's extra fields, tool messages...) raises `NotNative`: the handler then passes it to the
+engine's own OpenAI frontend (vLLM's serving classes), or, with an engine that has none, answers
+it with this error's 400.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmserve.errors import InvalidRequest
+
+
+class NotNative(InvalidRequest):
+    """The fast path does not handle this request; the engine's own frontend may."""
 
 # Parameters OpenAI defines that this server does not implement. Their neutral values (null,
 # false, empty) are accepted so generic clients keep working; anything else is a 400 naming them.
@@ -56,7 +68,7 @@ class _Common(BaseModel):
     @model_validator(mode="after")
     def _checks(self) -> _Common:
         if self.n not in (None, 1):
-            raise InvalidRequest(
+            raise NotNative(
                 "Only n=1 is supported by this server; send n parallel requests instead.",
                 param="n",
                 code="unsupported_value",
@@ -128,7 +140,10 @@ class CompletionRequest(_Common):
     @classmethod
     def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
         if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("exactly one prompt string is supported per request")
+            raise NotNative(
+                "Invalid value for 'prompt': exactly one prompt string is supported per request.",
+                param="prompt",
+            )
         return prompt
 
     @model_validator(mode="after")
@@ -150,7 +165,7 @@ def _reject_unsupported(request: BaseModel, names: tuple[str, ...]) -> None:
         value = getattr(request, name)
         neutral = value in _NEUTRAL or (name == "best_of" and value == 1)
         if not neutral:
-            raise InvalidRequest(
+            raise NotNative(
                 f"The '{name}' parameter is not supported by this server.",
                 param=name,
                 code="unsupported_parameter",
@@ -163,7 +178,7 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
         raise InvalidRequest(f"Invalid type for '{where}': expected an object.", param=where)
     role = message.get("role")
     if role not in ROLES:
-        raise InvalidRequest(
+        raise (NotNative if isinstance(role, str) else InvalidRequest)(
             f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}"
             f" (tool messages are not supported).",
             param=f"{where}.role",
@@ -171,7 +186,7 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
     unknown = set(message) - {"role", "content", "name"}
     if unknown:
         name = sorted(unknown)[0]
-        raise InvalidRequest(
+        raise NotNative(
             f"Unsupported field '{where}.{name}' (tool calls are not supported).",
             param=f"{where}.{name}",
         )
@@ -190,7 +205,7 @@ def _content_text(where: str, content: Any) -> str:
                 or part.get("type") != "text"
                 or not isinstance(part.get("text"), str)
             ):
-                raise InvalidRequest(
+                raise NotNative(
                     f"Invalid content part '{where}.content[{i}]': only text parts "
                     '({"type": "text", "text": "..."}) are supported.',
                     param=f"{where}.content[{i}]",
@@ -229,7 +244,7 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
     if kind in ("model_type", "model_attributes_type") and not err["loc"]:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     if kind == "extra_forbidden":
-        return InvalidRequest(
+        return NotNative(
             f"Unrecognized request argument supplied: {param}",
             param=param,
             code="unknown_parameter",

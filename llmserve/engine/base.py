@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = str  # "stop" | "length" (OpenAI's names); an aborted request simply ends
 
@@ -70,6 +70,68 @@ class PromptTooLong(EngineError):
         self.max_tokens = max_tokens
 
 
+class GatePass(Protocol):
+    """One engine generation admitted by a `GenerationGate`: told what the engine produces, and
+    closed exactly once when the generation is over (which settles what it reserved)."""
+
+    @property
+    def engine_priority(self) -> int:
+        """The priority to hand the engine's scheduler (lower is served first, as in vLLM)."""
+
+    def on_tokens(self, num_tokens: int) -> None:
+        """`num_tokens` new output tokens arrived (any choice)."""
+
+    def on_finish(self, finish_reason: str | None) -> None:
+        """A choice ended with this reason ("stop", "length", "tool_calls"...)."""
+
+    def on_rejected(self) -> None:
+        """The engine refused the generation before producing anything (its prompt is free)."""
+
+    async def close(self) -> None: ...
+
+
+class GenerationGate(Protocol):
+    """What the gateway applies to every generation an `OpenAIFrontend` starts on behalf of one
+    HTTP request: limits and admission before the engine sees it, accounting while it runs."""
+
+    async def enter(
+        self, prompt_tokens: int, max_tokens: int, n: int, requested_priority: int
+    ) -> GatePass:
+        """Reserve `prompt_tokens + n * max_tokens` and wait for an engine slot; raise an
+        `APIError` (429, 503, 504...) when the generation may not run."""
+
+
+@dataclass(frozen=True, slots=True)
+class JSONReply:
+    """A whole response body (already JSON) with its HTTP status."""
+
+    body: bytes
+    status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    """An SSE response: each item is one complete event (`data: ...\n\n`), the last `[DONE]`."""
+
+    events: AsyncIterator[str]
+
+
+FrontendRoute = Literal["chat", "completions", "responses", "tokenize", "detokenize"]
+
+
+class OpenAIFrontend(Protocol):
+    """The engine's own OpenAI-compatible request handling (vLLM's serving classes), for requests
+    the gateway's fast path does not handle itself: tools, structured outputs, logprobs, n > 1,
+    the Responses API, tokenization. Errors are raised as `APIError`s."""
+
+    def request_fields(self, route: FrontendRoute) -> frozenset[str]:
+        """The request body fields the engine's request model for `route` accepts."""
+
+    async def handle(
+        self, route: FrontendRoute, body: dict[str, Any], gate: GenerationGate
+    ) -> JSONReply | StreamReply: ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the gateway needs from a model engine."""
@@ -103,6 +165,10 @@ class Engine(Protocol):
         """Raise EngineUnavailable if the engine cannot serve."""
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def frontend(self) -> OpenAIFrontend | None:
+        """The engine's own OpenAI request handling once started (None: fast path only)."""
 
     @property
     def dead(self) -> BaseException | None:

@@ -183,6 +183,11 @@ class FakeEngine:
         if self.closed:
             raise EngineUnavailable("engine is shut down")
 
+    @property
+    def frontend(self) -> None:
+        """The fake engine has no OpenAI frontend of its own: only the fast path."""
+        return None
+
     def stats(self) -> EngineStats:
         return EngineStats(
             kv_cache_usage=min(1.0, self.running / self.max_num_seqs),

@@ -33,8 +33,10 @@ from llmserve.engine.vllm_args import (
     EngineLaunch,
     build_launch,
     check_options,
+    frontend_args,
     resolve_device,
 )
+from llmserve.engine.vllm_frontend import VLLMFrontend, build_frontend
 from llmserve.engine.vllm_render import content_length, encode, render_chat_text
 from llmserve.engine.vllm_stats import StatsSink, stat_logger_factory
 from llmserve.errors import EngineStartError, InvalidRequest
@@ -69,6 +71,7 @@ class VLLMEngine:
         self._launch: EngineLaunch | None = None
         self._sampling_defaults: dict[str, Any] = {}
         self._sink = StatsSink()
+        self._frontend: VLLMFrontend | None = None
         self._dead: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()  # orders close() against a start-up thread
@@ -101,6 +104,13 @@ class VLLMEngine:
         llm, self._built = self._built, None
         self._tokenizer = llm.get_tokenizer()
         self._sampling_defaults = _sampling_defaults(llm)
+        try:
+            self._frontend = await build_frontend(
+                llm, frontend_args(self._config, _frontend_arg_names())
+            )
+        except Exception as exc:
+            _shutdown(llm)
+            raise EngineStartError(f"vLLM's request handlers could not start: {exc}") from exc
         self._llm = llm  # last: check_health passes only once everything above is set
         self.start_seconds = time.monotonic() - began
         log.info(
@@ -120,7 +130,7 @@ class VLLMEngine:
         self._vllm = _import_vllm()
         self._launch = launch
         try:
-            args = self._vllm.AsyncEngineArgs(**launch.engine_args)
+            args = self._vllm.AsyncEngineArgs(**_engine_arg_objects(launch.engine_args))
             llm = self._vllm.AsyncLLM.from_engine_args(
                 args, stat_loggers=[stat_logger_factory(self._sink)]
             )
@@ -166,6 +176,10 @@ class VLLMEngine:
 
     def stats(self) -> EngineStats:
         return self._sink.snapshot()
+
+    @property
+    def frontend(self) -> VLLMFrontend | None:
+        return self._frontend if self._llm is not None else None
 
     def _require_llm(self) -> Any:
         if self._closed:
@@ -278,6 +292,16 @@ class VLLMEngine:
         return {"priority": -options.priority}  # vLLM serves lower values first; we, higher
 
 
+def _engine_arg_objects(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """AsyncEngineArgs keywords with the config sections vLLM wants as objects built."""
+    structured = engine_args.get("structured_outputs_config")
+    if not isinstance(structured, dict):
+        return engine_args
+    from vllm.config import StructuredOutputsConfig
+
+    return {**engine_args, "structured_outputs_config": StructuredOutputsConfig(**structured)}
+
+
 def _delta_of(output: Any) -> Delta | None:
     completion = output.outputs[0]
     reason = _finish_reason(completion.finish_reason) if output.finished else None
@@ -344,8 +368,16 @@ def _cuda_available() -> bool:
 
 
 def check_engine_options(config: EngineConfig) -> None:
-    """Raise EngineStartError for `engine.options` vLLM would refuse (imports vllm)."""
+    """Raise EngineStartError for `engine.options` or `engine.frontend_options` vLLM would
+    refuse (imports vllm)."""
     check_options(config.options, _engine_arg_names())
+    frontend_args(config, _frontend_arg_names())
+
+
+def _frontend_arg_names() -> set[str]:
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    return {f.name for f in dataclasses.fields(FrontendArgs)}
 
 
 def _engine_arg_names() -> set[str]:

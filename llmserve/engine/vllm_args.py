@@ -34,6 +34,16 @@ _OWN_FIELDS = {
     "pipeline_parallel_size": "pipeline_parallel_size",
     "gpu_memory_utilization": "gpu_memory_utilization",
     "kv_cache_memory_bytes": "cpu_kv_cache_bytes",
+    "reasoning_parser": "reasoning_parser",
+}
+# Frontend settings (`vllm serve` flags) with their own EngineConfig field.
+_OWN_FRONTEND_FIELDS = {
+    "tool_call_parser": "tool_call_parser",
+    "enable_auto_tool_choice": "enable_auto_tool_choice",
+    "tool_strict_level": "tool_strict_level",
+    "chat_template": "chat_template",
+    "served_model_name": "served_model_name",
+    "model": "model",
 }
 
 
@@ -100,8 +110,51 @@ def check_seed_safe_on_cpu(args: Mapping[str, Any]) -> None:
         )
 
 
+def frontend_args(config: EngineConfig, known_options: Collection[str]) -> list[str]:
+    """`vllm serve` command-line arguments for vLLM's request handlers (the engine is already
+    built: only frontend settings matter here)."""
+    args = [config.model, "--served-model-name", config.model_name]
+    args += ["--tool-strict-level", config.tool_strict_level]
+    if config.tool_call_parser:
+        args += ["--tool-call-parser", config.tool_call_parser]
+    if config.enable_auto_tool_choice:
+        args.append("--enable-auto-tool-choice")
+    if config.chat_template:
+        args += ["--chat-template", config.chat_template]
+    for name, value in config.frontend_options.items():
+        if name in _OWN_FRONTEND_FIELDS:
+            raise EngineStartError(
+                f"engine.frontend_options.{name}: set engine.{_OWN_FRONTEND_FIELDS[name]} instead"
+            )
+        if name not in known_options:
+            hint = difflib.get_close_matches(name, list(known_options), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise EngineStartError(
+                f"engine.frontend_options.{name}: not a `vllm serve` frontend option{suggestion}"
+            )
+        args += _flag(name, value)
+    return args
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return [flag]
+    if value is False:
+        return ["--no-" + name.replace("_", "-")]
+    if isinstance(value, (dict, list)):
+        import json
+
+        return [flag, json.dumps(value)]
+    return [flag, str(value)]
+
+
 def _common_args(config: EngineConfig) -> dict[str, Any]:
+    reasoning = {"reasoning_parser": config.reasoning_parser} if config.reasoning_parser else {}
     return {
+        **reasoning,
+        # a dict here: vllm.py turns it into vLLM's StructuredOutputsConfig
+        "structured_outputs_config": _structured_outputs(config),
         "model": config.model,
         "served_model_name": config.model_name,
         "max_model_len": config.max_model_len,
@@ -112,6 +165,13 @@ def _common_args(config: EngineConfig) -> dict[str, Any]:
         # Stats stay on: our stat logger and vLLM's own vllm:* Prometheus series need them.
         "disable_log_stats": False,
     }
+
+
+def _structured_outputs(config: EngineConfig) -> dict[str, Any]:
+    # vLLM allows `disable_any_whitespace` only with a named backend (not `auto`)
+    if config.compact_json:
+        return {"backend": "xgrammar", "disable_any_whitespace": True}
+    return {}
 
 
 def _cpu_args(config: EngineConfig) -> dict[str, Any]:

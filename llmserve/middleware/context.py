@@ -15,7 +15,7 @@ from llmserve.api.objects import new_id
 from llmserve.errors import ServiceUnavailable
 from llmserve.logs import request_id_var
 from llmserve.middleware.errors import error_response, respond
-from llmserve.records import RequestRecord
+from llmserve.records import GENERATION_ROUTES, RequestRecord
 from llmserve.request_state import PRINCIPAL, RECORD, STARTED
 from llmserve.server.keys import LEDGER, LIFECYCLE, METRICS
 
@@ -26,12 +26,14 @@ _SAFE_ID = re.compile(r"[^A-Za-z0-9._:\-]")
 ROUTES = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
+    "/v1/responses": "responses",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
     "/v1/models": "models",
     "/health": "health",
     "/ready": "ready",
     "/metrics": "metrics",
 }
-GENERATION_ROUTES = ("chat", "completions")
 
 
 def request_id_from(request: web.Request) -> str:

@@ -75,6 +75,9 @@ def build_admin_app(main: web.Application) -> web.Application:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", generation.chat_completions)
     app.router.add_post("/v1/completions", generation.completions)
+    app.router.add_post("/v1/responses", generation.responses)
+    app.router.add_post("/tokenize", generation.tokenize)
+    app.router.add_post("/detokenize", generation.detokenize)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/v1/models/{model:.+}", info.get_model)  # names may hold "/"
     app.router.add_get("/health", info.health)

@@ -1,0 +1,242 @@
+"""Requests answered by the engine's own OpenAI frontend (vLLM's serving classes), with the
+gateway's controls on top: auth and the model check here, limits and admission at each
+generation (api/gate.py), the response (JSON or SSE) written here.
+
+Routes: whatever the fast path passes on from /v1/chat/completions and /v1/completions (tools,
+structured outputs, logprobs, n > 1, ...), and /v1/responses, /tokenize, /detokenize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+
+from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
+from llmserve.api import fields, objects
+from llmserve.api.gate import Caller, RequestGate, bounded_metadata
+from llmserve.api.gateway import Gateway, shutting_down
+from llmserve.api.sse import SSEStream
+from llmserve.auth.principal import Principal
+from llmserve.engine.base import FrontendRoute, JSONReply, OpenAIFrontend, StreamReply
+from llmserve.errors import APIError, DeadlineExceeded, InternalError, InvalidRequest
+from llmserve.request_state import RECORD
+
+log = logging.getLogger("llmserve.gateway")
+
+_MAX_TOKENS_FIELD = {
+    "chat": "max_tokens",
+    "completions": "max_tokens",
+    "responses": "max_output_tokens",
+}
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+async def delegate(
+    request: web.Request,
+    gateway: Gateway,
+    principal: Principal,
+    route: FrontendRoute,
+    raw: bytes,
+    not_native: InvalidRequest | None = None,
+) -> web.StreamResponse:
+    """Answer the request through the engine's frontend; without one, `not_native` is the 400."""
+    frontend = gateway.engine.frontend
+    if frontend is None:
+        if not_native is not None:
+            raise not_native
+        raise InvalidRequest(
+            f"This route is not available with engine.kind {gateway.config.engine.kind!r}.",
+            code="unsupported_route",
+        )
+    body = _json_object(raw)
+    record = request[RECORD]
+    model = body.get("model")
+    if model is None and route in ("tokenize", "detokenize"):
+        model = body["model"] = gateway.engine.model_name  # optional there, as in vLLM
+    if not isinstance(model, str):
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    gateway.check_model(model, principal)
+    record.model = model
+    _prepare_body(gateway, frontend, route, body, principal, record)
+    tier_name, tier = gateway.tier_of(principal)
+    caller = Caller(principal, tier_name, tier.priority, _deadline(request, gateway), route)
+    gate = RequestGate(gateway, request, caller)
+    if route in ("tokenize", "detokenize"):
+        await _count_request(gate)
+    record.stream = bool(body.get("stream"))
+    try:
+        if record.stream:
+            return await _stream(request, gateway, frontend, route, body, gate)
+        return await _json(request, gateway, frontend, route, body, gate)
+    finally:
+        await gate.close()
+
+
+def _prepare_body(
+    gateway: Gateway,
+    frontend: OpenAIFrontend,
+    route: FrontendRoute,
+    body: dict[str, Any],
+    principal: Principal,
+    record: Any,
+) -> None:
+    fields.check_refused(body)
+    record.metadata = bounded_metadata(body.get("metadata"))
+    known = frontend.request_fields(route)
+    fields.strip_for_engine(route, body, known)
+    fields.check_known(body, known)
+    if route in _MAX_TOKENS_FIELD and not any(body.get(name) for name in _OUTPUT_LIMITS):
+        default = gateway.default_max_tokens(gateway.tier_of(principal)[0], principal)
+        default = default or gateway.config.engine.default_max_tokens
+        if default:
+            body[_MAX_TOKENS_FIELD[route]] = default
+
+
+async def _count_request(gate: RequestGate) -> None:
+    """Tokenization runs no generation, but it is a request: it counts against
+    requests_per_minute (and costs no tokens)."""
+    gate_pass = await gate.enter(0, 0, 1, 0)
+    await gate_pass.close()
+
+
+async def _json(
+    request: web.Request,
+    gateway: Gateway,
+    frontend: OpenAIFrontend,
+    route: FrontendRoute,
+    body: dict[str, Any],
+    gate: RequestGate,
+) -> web.Response:
+    with _guard(request, gateway, gate):
+        reply = await frontend.handle(route, body, gate)
+    if not isinstance(reply, JSONReply):  # a stream for a request that asked for none
+        raise InternalError("The engine answered with a stream; retry with stream: true.")
+    headers = {**gate.headers}
+    waited = request[RECORD].queue_wait_seconds
+    if waited is not None:
+        headers["X-Queue-Wait-Ms"] = str(int(waited * 1000))
+    return web.Response(
+        body=reply.body, status=reply.status, headers=headers, content_type="application/json"
+    )
+
+
+async def _stream(
+    request: web.Request,
+    gateway: Gateway,
+    frontend: OpenAIFrontend,
+    route: FrontendRoute,
+    body: dict[str, Any],
+    gate: RequestGate,
+) -> web.StreamResponse:
+    sse = SSEStream(request, gateway.heartbeats, {})
+    gate.sse = sse
+    sse.start_heartbeats()
+    try:
+        with _guard(request, gateway, gate):
+            reply = await frontend.handle(route, body, gate)
+            if not isinstance(reply, StreamReply):
+                raise InternalError("The engine answered a stream request without a stream.")
+            await _pump(reply, gate, sse)
+    except APIError as exc:
+        await sse.stop_heartbeats()
+        if not sse.started:
+            raise
+        request[RECORD].error_code = exc.code
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await sse.send(objects.sse_event(exc.body()))
+            await sse.drain()
+    except ConnectionError:
+        request[RECORD].disconnected = True
+    finally:
+        await sse.close()
+    return sse.response
+
+
+async def _pump(reply: StreamReply, gate: RequestGate, sse: SSEStream) -> None:
+    """vLLM's events to the client; a refusal by the gate replaces vLLM's own error event."""
+    async with contextlib.aclosing(reply.events) as events:  # type: ignore[type-var]
+        async for event in events:
+            gate.raise_refusal()
+            await sse.send(event.encode())
+    gate.raise_refusal()
+    await sse.drain()
+
+
+@contextlib.contextmanager
+def _guard(request: web.Request, gateway: Gateway, gate: RequestGate) -> Iterator[None]:
+    """The gate's refusal, the client's deadline and shutdown, as the gateway's own errors.
+
+    vLLM's handlers turn a cancellation into an error response of their own, so a deadline or
+    a shutdown that cancels this task is recognised by the task's state, not by the exception.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    deadline = gate.deadline
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    before = task.cancelling()
+    handle = None if deadline is None else asyncio.get_running_loop().call_at(deadline, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        pass  # decided below: a deadline, a shutdown, or the client gone
+    except APIError:
+        if task.cancelling() <= before:
+            gate.raise_refusal()  # the gate's own error wins over vLLM's wrapping of it
+            raise
+    finally:
+        if handle is not None:
+            handle.cancel()
+    _raise_outcome(task, before, expired, gateway, gate)
+
+
+def _raise_outcome(
+    task: asyncio.Task[Any], before: int, expired: bool, gateway: Gateway, gate: RequestGate
+) -> None:
+    """After the guarded block: raise what ended it, if anything did."""
+    cancelled = task.cancelling() > before
+    if expired and cancelled:
+        task.uncancel()
+        cancelled = task.cancelling() > before
+        if not cancelled:
+            raise DeadlineExceeded(
+                f"The request did not finish within its deadline ({REQUEST_TIMEOUT_HEADER}); "
+                "allow more time or ask for fewer tokens."
+            )
+    if cancelled:
+        if gateway.force_stopping:
+            task.uncancel()
+            raise shutting_down()
+        raise asyncio.CancelledError()  # the client went away
+    gate.raise_refusal()
+
+
+def _deadline(request: web.Request, gateway: Gateway) -> float | None:
+    return request_deadline(
+        request.headers.get(REQUEST_TIMEOUT_HEADER),
+        gateway.config.queue.default_timeout_seconds,
+        asyncio.get_running_loop().time(),
+    )
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc}.", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
