@@ -33,6 +33,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class CorsConfig(Section):
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (`https://app.example.com`, or `*` for any) whose pages may call "
+        "the API from a browser; empty = CORS off.",
+    )
+    allowed_methods: list[str] = Field(
+        default_factory=lambda: ["GET", "POST", "OPTIONS"],
+        description="Methods a preflight allows.",
+    )
+    allowed_headers: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Request headers a preflight allows (`*`: whatever the browser asks for).",
+    )
+    expose_headers: list[str] = Field(
+        default_factory=lambda: [
+            "X-Request-Id", "Retry-After", "X-Queue-Wait-Ms",
+            "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+        ],
+        description="Response headers a page may read.",
+    )  # fmt: skip
+    max_age_seconds: int = Field(600, ge=0, description="How long a browser caches a preflight.")
+
+    def allows(self, origin: str) -> bool:
+        return bool(origin) and ("*" in self.allowed_origins or origin in self.allowed_origins)
+
+
 class ServerConfig(Section):
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the API (0 picks a free one).")
@@ -86,6 +115,9 @@ class ServerConfig(Section):
     )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
+    )
+    cors: CorsConfig = Field(
+        default_factory=CorsConfig, description="Browser access (CORS); off by default."
     )
 
 

@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from llmserve.config import UsageConfig
@@ -214,7 +214,7 @@ def _epoch(since: datetime | float | None) -> float | None:
     if since is None or isinstance(since, int | float):
         return since
     if since.tzinfo is None:
-        since = since.replace(tzinfo=timezone.utc)
+        since = since.replace(tzinfo=UTC)
     return since.timestamp()
 
 

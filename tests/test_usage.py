@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,8 @@ def record(i: int, principal: str = "key_a", started_at: float = 1_700_000_000.0
 def test_append_writes_one_json_line_with_every_field(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
     with UsageLedger(path, max_bytes=1 << 20, backups=2) as ledger:
-        ledger.append(record(1, status=429, error_code="rate_limit_exceeded", finish_reason=None))
+        ledger.append(record(1, status=429, error_code="rate_limit_exceeded", finish_reason=None,
+                             metadata={"job": "nightly-eval"}))  # fmt: skip
     (line,) = path.read_text().splitlines()
     entry = json.loads(line)
     assert entry == {
@@ -42,7 +43,7 @@ def test_append_writes_one_json_line_with_every_field(tmp_path: Path) -> None:
         "model": "smollm2", "route": "chat", "status": 429, "error_code": "rate_limit_exceeded",
         "prompt_tokens": 10, "completion_tokens": 5, "finish_reason": None,
         "queue_wait_seconds": 0.01, "ttft_seconds": 0.1, "total_seconds": 0.5,
-        "disconnected": False,
+        "disconnected": False, "metadata": {"job": "nightly-eval"},
     }  # fmt: skip
     assert (path.stat().st_mode & 0o777) == 0o600  # usage is private to the operator
 
@@ -91,7 +92,7 @@ def test_read_filters_by_principal_and_since(tmp_path: Path) -> None:
         ledger.append(record(3, principal="alice", started_at=3000.0))
     assert [e.request_id for e in read_usage(path, principal_id="alice")] == ["req-1", "req-3"]
     assert [e.request_id for e in read_usage(path, since=2000.0)] == ["req-2", "req-3"]
-    since = datetime.fromtimestamp(2500, tz=timezone.utc)
+    since = datetime.fromtimestamp(2500, tz=UTC)
     assert [e.request_id for e in read_usage(path, "alice", since)] == ["req-3"]
 
 

@@ -87,6 +87,8 @@ def _prepare_body(
     record: Any,
 ) -> None:
     fields.check_refused(body)
+    if route == "responses":
+        fields.check_responses_store(body)
     record.metadata = bounded_metadata(body.get("metadata"))
     known = frontend.request_fields(route)
     fields.strip_for_engine(route, body, known)

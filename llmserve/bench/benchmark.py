@@ -99,7 +99,7 @@ async def resolve_model(options: BenchOptions) -> BenchOptions:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             model = await first_model(session, options.base_url, key)
-    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError) as exc:
+    except (TimeoutError, aiohttp.ClientError, KeyError, IndexError) as exc:
         raise BenchError(f"no --model given and GET /v1/models failed: {exc}") from None
     return replace(options, model=model)
 

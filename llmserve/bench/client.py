@@ -6,7 +6,6 @@ model parsing becomes the bottleneck and would be measured instead of the server
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,7 +98,7 @@ async def send_request(
             headers=request_headers(target, key_index),
         ) as response:
             await _read_response(response, result, clock)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _fail(result, TIMEOUT, "the request timed out")
     except aiohttp.ClientPayloadError as exc:
         _fail(result, STREAM_TRUNCATED, f"the stream broke off: {exc}")

@@ -11,6 +11,7 @@ import yaml
 from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.config import Config, effective_config, resolve_config_path
 from llmserve.errors import EngineStartError
+from llmserve.models.sampling import model_sampling_defaults
 
 
 def check(config: Path | None = ConfigOption) -> None:
@@ -21,12 +22,22 @@ def check(config: Path | None = ConfigOption) -> None:
     cfg = load_or_exit(config)
     _check_engine_options(cfg)
     typer.echo(f"# {resolve_config_path(config)}: OK", err=True)
+    _show_sampling_defaults(cfg)
     typer.echo(yaml.safe_dump(effective_config(cfg), sort_keys=False).rstrip())
+
+
+def _show_sampling_defaults(cfg: Config) -> None:
+    """What a request that leaves sampling fields unset gets (the model's generation config)."""
+    if cfg.engine.kind != "vllm" or not Path(cfg.engine.model).is_dir():
+        return
+    defaults = model_sampling_defaults(Path(cfg.engine.model))
+    shown = " ".join(f"{k}={v}" for k, v in defaults.items()) or "none (vLLM's neutral values)"
+    typer.echo(f"# sampling defaults from the model's generation_config.json: {shown}", err=True)
 
 
 def _check_engine_options(cfg: Config) -> None:
     """engine.options are vLLM's own names: checked against vLLM when it is installed."""
-    if cfg.engine.kind != "vllm" or not cfg.engine.options:
+    if cfg.engine.kind != "vllm" or not (cfg.engine.options or cfg.engine.frontend_options):
         return
     if importlib.util.find_spec("vllm") is None:
         typer.echo("# engine.options not checked: vllm is not installed", err=True)

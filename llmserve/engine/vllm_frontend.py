@@ -17,6 +17,7 @@ Only this module and `vllm.py` import vllm.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -55,8 +56,9 @@ class GatedEngineClient:
     """vLLM's engine client (AsyncLLM) with every generation passed through the request's gate.
     Everything else is the wrapped client's own attribute."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, rejections: tuple[type[BaseException], ...]) -> None:
         self._llm = llm
+        self._rejections = rejections  # what vLLM raises for a request it will not run
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
@@ -81,7 +83,7 @@ class GatedEngineClient:
                 async for output in stream:
                     counter.observe(output, admitted)
                     yield output
-            except (ValueError, TypeError):  # vLLM's input checks: nothing ran
+            except self._rejections:  # vLLM's input checks: nothing ran
                 admitted.on_rejected()
                 raise
             finally:
@@ -139,9 +141,15 @@ def _prompt_length(prompt: Any) -> int:
 class VLLMFrontend:
     """vLLM's serving objects (chat, completions, responses, tokenization) over one engine."""
 
-    def __init__(self, state: Any, request_models: Mapping[str, type[BaseModel]]) -> None:
+    def __init__(
+        self,
+        state: Any,
+        request_models: Mapping[str, type[BaseModel]],
+        errors: EngineErrors,
+    ) -> None:
         self._state = state
         self._models = request_models
+        self._errors = errors
 
     def request_fields(self, route: FrontendRoute) -> frozenset[str]:
         if route == "tokenize":
@@ -186,8 +194,8 @@ class VLLMFrontend:
             return await state.serving_tokenization.create_detokenize(request, None)
         except GateRefused:
             return None  # the handler raises the gate's own error
-        except (ValueError, TypeError) as exc:  # vLLM's request checks raise these
-            raise InvalidRequest(str(exc)) from None
+        except Exception as exc:
+            raise self._errors.as_api_error(exc) from None
 
     def _reply(
         self, route: FrontendRoute, result: Any, gate: GenerationGate
@@ -199,16 +207,31 @@ class VLLMFrontend:
         if isinstance(result, BaseModel):
             return JSONReply(result.model_dump_json(by_alias=route == "responses").encode())
         events = _response_events(result) if route == "responses" else result
-        return StreamReply(_gated_events(events, gate))
+        return StreamReply(_gated_events(events, gate, self._errors))
 
 
-async def _gated_events(events: AsyncIterator[str], gate: GenerationGate) -> AsyncIterator[str]:
+async def _gated_events(
+    events: AsyncIterator[str], gate: GenerationGate, errors: EngineErrors
+) -> AsyncIterator[str]:
     """vLLM's events, iterated with the request's gate in context (a stream generator only
-    starts the engine request when first iterated)."""
+    starts the engine request when first iterated). An error before the first event (a bad
+    grammar, say) is raised, so the client gets its HTTP status rather than a stream."""
     token = _GATE.set(gate)
+    first = True
     try:
         async for event in events:
+            if first and event.startswith('data: {"error"'):
+                raise _error_event(event)
+            first = False
             yield event
+    except GateRefused:
+        return  # the handler raises the gate's own error
+    except APIError:
+        raise
+    except Exception as exc:
+        if not first:
+            raise
+        raise errors.as_api_error(exc) from None
     finally:
         _GATE.reset(token)
         aclose = getattr(events, "aclose", None)
@@ -221,6 +244,40 @@ async def _response_events(events: AsyncIterator[Any]) -> AsyncIterator[str]:
     async for event in events:
         kind = getattr(event, "type", "unknown")
         yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+
+
+def _error_event(event: str) -> APIError:
+    try:
+        error = json.loads(event.removeprefix("data: "))["error"]
+        return api_error(int(error.get("code") or 500), str(error["message"]), error.get("param"))
+    except (ValueError, KeyError, TypeError):
+        return api_error(500, event[:200])
+
+
+class EngineErrors:
+    """vLLM's exception classes, mapped to the gateway's errors (the HTTP status vLLM's own
+    server would give them)."""
+
+    def __init__(self, client: tuple[type[BaseException], ...],
+                 not_found: tuple[type[BaseException], ...],
+                 unavailable: tuple[type[BaseException], ...]) -> None:  # fmt: skip
+        self.client = (ValueError, TypeError, *client)
+        self._not_found = not_found
+        self._unavailable = unavailable
+
+    def as_api_error(self, exc: BaseException) -> APIError:
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, self._not_found):
+            return NotFound(str(exc), code="not_found")
+        if isinstance(exc, self.client):
+            return InvalidRequest(str(exc))
+        if isinstance(exc, self._unavailable):
+            return ServiceUnavailable(
+                "The model engine is unavailable; retry shortly.", code="engine_unavailable"
+            )
+        log.error("vLLM's handler failed: %r", exc, exc_info=exc)
+        return EngineFailed("The model failed while processing this request; please retry.")
 
 
 def _is_error(result: Any) -> bool:
@@ -266,14 +323,19 @@ async def build_frontend(llm: Any, serve_args: list[str]) -> VLLMFrontend:
         TokenizeChatRequest,
         TokenizeCompletionRequest,
     )
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMNotFoundError
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.exceptions import EngineDeadError
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(serve_args)
     validate_parsed_serve_args(args)
     # the engine's own structured-output settings (reasoning parser included) win
     args.structured_outputs_config = llm.vllm_config.structured_outputs_config
+    errors = EngineErrors((VLLMClientError,), (VLLMNotFoundError,),
+                          (EngineDeadError, GracefulHTTPError))  # fmt: skip
     state = State()
-    await init_app_state(GatedEngineClient(llm), state, args, await llm.get_supported_tasks())
+    client = GatedEngineClient(llm, errors.client)
+    await init_app_state(client, state, args, await llm.get_supported_tasks())
     models: dict[str, type[BaseModel]] = {
         "chat": ChatCompletionRequest,
         "completions": CompletionRequest,
@@ -282,4 +344,4 @@ async def build_frontend(llm: Any, serve_args: list[str]) -> VLLMFrontend:
         "tokenize_completion": TokenizeCompletionRequest,
         "detokenize": DetokenizeRequest,
     }
-    return VLLMFrontend(state, models)
+    return VLLMFrontend(state, models, errors)

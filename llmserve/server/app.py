@@ -17,6 +17,7 @@ from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import Config
 from llmserve.engine.base import Engine
 from llmserve.middleware.context import add_request_id, context_middleware
+from llmserve.middleware.cors import cors_middleware, cors_response_hook
 from llmserve.request_state import PRINCIPAL
 from llmserve.server.keys import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
 from llmserve.server.lifecycle import Lifecycle
@@ -41,6 +42,8 @@ def build_app(
     """The API application. The engine starts in the background when the app starts, so /health
     answers at once and /ready turns 200 when the model is loaded."""
     middlewares: list[Any] = [context_middleware]  # it turns errors into responses too
+    if config.server.cors.allowed_origins:
+        middlewares.append(cors_middleware(config.server.cors))  # preflights carry no key
     middlewares.append(auth_middleware or anonymous_principal)
     app = web.Application(
         middlewares=middlewares,
@@ -55,6 +58,8 @@ def build_app(
     app[METRICS] = metrics
     app[LEDGER] = ledger
     app.on_response_prepare.append(add_request_id)
+    if config.server.cors.allowed_origins:
+        app.on_response_prepare.append(cors_response_hook(config.server.cors))
     app.cleanup_ctx.append(_engine_context)
     add_routes(app)
     return app

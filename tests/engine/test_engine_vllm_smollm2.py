@@ -65,3 +65,16 @@ async def test_served_name_is_the_directory_name(smollm2) -> None:
     assert smollm2.engine.model_name == "smollm2-135m-instruct"
     models = await (await smollm2.client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+
+
+async def test_the_readmes_first_request_answers_paris_every_time(smollm2) -> None:
+    """The README's first request sets no sampling field: the model's own defaults (written by
+    `llmserve models prepare`) must make the first answer a newcomer sees a sensible one."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    body = {"model": "smollm2-135m-instruct", "messages": question}
+    answers = []
+    for _ in range(3):
+        response = await smollm2.client.post("/v1/chat/completions", json=body)
+        assert response.status == 200, await response.text()
+        answers.append((await response.json())["choices"][0]["message"]["content"])
+    assert all("Paris" in answer for answer in answers), answers

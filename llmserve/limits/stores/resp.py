@@ -337,7 +337,7 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
             try:  # a TLS close waits for the server's close_notify: not for long
                 await asyncio.wait_for(asyncio.shield(self._lost), self._timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._transport.abort()
 
     def _deliver(self, reply: Any) -> None:
@@ -483,7 +483,7 @@ class RespClient:
         options = self.options
         try:
             conn = await asyncio.wait_for(self._open(), options.socket_connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RespConnectionError(
                 f"redis at {options.where}: no connection within {options.socket_connect_timeout}s"
             ) from None
