@@ -105,7 +105,8 @@ def _names(text: str) -> list[str]:
 # fails when the installed vLLM's models differ, so that a new field (one that could bypass
 # metering, say) is looked at before it is served.
 ENGINE_FIELDS: dict[str, frozenset[str]] = {
-    "chat": frozenset(_names("""
+    "chat": frozenset(
+        _names("""
         add_generation_prompt add_special_tokens allowed_token_ids bad_words cache_salt
         chat_template chat_template_kwargs continue_final_message documents ec_transfer_params
         echo frequency_penalty ignore_eos include_reasoning include_stop_str_in_output
@@ -119,8 +120,10 @@ ENGINE_FIELDS: dict[str, frozenset[str]] = {
         stream_interval stream_options structured_outputs temperature thinking_token_budget
         tool_choice tools top_k top_logprobs top_p truncate_prompt_tokens truncation_side
         use_beam_search user vllm_xargs watermarking
-    """)),
-    "completions": frozenset(_names("""
+    """)
+    ),
+    "completions": frozenset(
+        _names("""
         add_special_tokens allowed_token_ids bad_words cache_salt ec_transfer_params echo
         frequency_penalty ignore_eos include_stop_str_in_output kv_transfer_params
         length_penalty logit_bias logprob_token_ids logprobs max_tokens min_p min_tokens
@@ -131,8 +134,10 @@ ENGINE_FIELDS: dict[str, frozenset[str]] = {
         spaces_between_special_tokens stop stop_token_ids stream stream_interval stream_options
         structured_outputs suffix temperature thinking_token_budget top_k top_p
         truncate_prompt_tokens truncation_side use_beam_search user vllm_xargs watermarking
-    """)),
-    "responses": frozenset(_names("""
+    """)
+    ),
+    "responses": frozenset(
+        _names("""
         background cache_salt chat_template_kwargs ec_transfer_params enable_response_messages
         frequency_penalty ignore_eos include include_reasoning include_stop_str_in_output input
         instructions kv_transfer_params logit_bias max_output_tokens max_tool_calls
@@ -142,20 +147,25 @@ ENGINE_FIELDS: dict[str, frozenset[str]] = {
         service_tier session_id skip_special_tokens stop stop_token_ids store stream
         structured_outputs temperature text tool_choice tools top_k top_logprobs top_p
         truncation user vllm_xargs watermarking
-    """)),
+    """)
+    ),
 }
 
 # Fields the fast path answers itself (plain text generation; api/schemas.py).
 FAST_PATH: dict[str, frozenset[str]] = {
-    "chat": frozenset(_names("""
+    "chat": frozenset(
+        _names("""
         frequency_penalty ignore_eos max_completion_tokens max_tokens messages model n
         presence_penalty repetition_penalty seed stop stream stream_options temperature top_k
         top_p user
-    """)),
-    "completions": frozenset(_names("""
+    """)
+    ),
+    "completions": frozenset(
+        _names("""
         frequency_penalty ignore_eos max_tokens model n presence_penalty prompt
         repetition_penalty seed stop stream stream_options temperature top_k top_p user
-    """)),
+    """)
+    ),
 }
 
 

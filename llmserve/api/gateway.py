@@ -368,9 +368,7 @@ class Gateway:
         )
         return job.ticket
 
-    async def wait_for_slot(
-        self, request: web.Request, ticket: Any, sse: SSEStream | None
-    ) -> None:
+    async def wait_for_slot(self, request: web.Request, ticket: Any, sse: SSEStream | None) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         if sse is not None:

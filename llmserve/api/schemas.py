@@ -20,6 +20,7 @@ from llmserve.errors import InvalidRequest
 class NotNative(InvalidRequest):
     """The fast path does not handle this request; the engine's own frontend may."""
 
+
 # Parameters OpenAI defines that this server does not implement. Their neutral values (null,
 # false, empty) are accepted so generic clients keep working; anything else is a 400 naming them.
 UNSUPPORTED_CHAT = (
