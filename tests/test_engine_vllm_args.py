@@ -179,3 +179,30 @@ def test_priority_reaches_vllm_inverted_only_with_priority_scheduling() -> None:
     assert engine._priority(urgent) == {"priority": -5}  # vLLM serves lower values first
     engine._launch = build_launch(config(), "cpu", KNOWN)
     assert engine._priority(urgent) == {}
+
+
+def _model_dir(tmp_path, dtype: str, weight_bytes: int):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": dtype}))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(weight_bytes)
+    return tmp_path
+
+
+def test_auto_dtype_on_cpu_runs_a_small_model_in_float32(tmp_path):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import cpu_dtype
+
+    small = _model_dir(tmp_path, "bfloat16", 270 * 1024**2)  # SmolLM2-135M's size
+    assert cpu_dtype(EngineConfig(model=str(small))) == "float32"
+    assert cpu_dtype(EngineConfig(model=str(small), dtype="bfloat16")) == "bfloat16"
+
+
+def test_auto_dtype_on_cpu_keeps_a_large_models_own_dtype(tmp_path):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import cpu_dtype
+
+    large = _model_dir(tmp_path, "bfloat16", 3 * 1024**3)  # 6 GiB in float32
+    assert cpu_dtype(EngineConfig(model=str(large))) == "auto"
+    assert cpu_dtype(EngineConfig(model="org/hub-model")) == "auto"  # unknown offline

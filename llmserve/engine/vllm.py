@@ -114,9 +114,10 @@ class VLLMEngine:
         self._llm = llm  # last: check_health passes only once everything above is set
         self.start_seconds = time.monotonic() - began
         log.info(
-            "vLLM engine ready: model %s on %s in %.1f s",
+            "vLLM engine ready: model %s on %s (dtype %s) in %.1f s",
             self.model_name,
             self._launch.device if self._launch else "?",
+            self._launch.engine_args.get("dtype") if self._launch else "?",
             self.start_seconds,
         )
 

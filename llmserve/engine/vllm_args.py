@@ -7,8 +7,10 @@ without vllm. Why the CPU settings are what they are: see engine-notes.md.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from llmserve.config import EngineConfig
@@ -143,8 +145,6 @@ def _flag(name: str, value: Any) -> list[str]:
     if value is False:
         return ["--no-" + name.replace("_", "-")]
     if isinstance(value, (dict, list)):
-        import json
-
         return [flag, json.dumps(value)]
     return [flag, str(value)]
 
@@ -174,8 +174,43 @@ def _structured_outputs(config: EngineConfig) -> dict[str, Any]:
     return {}
 
 
+# On CPU, `dtype: auto` runs models whose float32 weights take at most this much in float32:
+# small models lose answers to bfloat16 rounding (greedy SmolLM2-135M in bfloat16 answers
+# "What is the capital of France?" with "L'Étoile, la Marseillaise..." on an AMX CPU, "The
+# capital of France is Paris." in float32), and CPUs without native bfloat16 run it 3.5x
+# slower. Larger models keep the checkpoint's own dtype (memory first).
+CPU_FLOAT32_MAX_BYTES = 4 * 1024**3
+_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2, "float": 4, "half": 2}
+
+
+def cpu_dtype(config: EngineConfig) -> str:
+    """The dtype to run on CPU: what the config says, or for `auto`, float32 for a local model
+    whose float32 weights fit CPU_FLOAT32_MAX_BYTES (else the checkpoint's own)."""
+    if config.dtype != "auto":
+        return config.dtype
+    weights = _float32_weight_bytes(Path(config.model))
+    if weights is not None and weights <= CPU_FLOAT32_MAX_BYTES:
+        return "float32"
+    return "auto"
+
+
+def _float32_weight_bytes(model_dir: Path) -> int | None:
+    """The size of the model's weights in float32 (None when it cannot be told offline)."""
+    try:
+        meta = json.loads((model_dir / "config.json").read_text())
+        on_disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    except (OSError, ValueError):
+        return None
+    dtype = str(meta.get("torch_dtype") or meta.get("dtype") or "")
+    per_param = _BYTES_PER_PARAM.get(dtype)
+    if not on_disk or per_param is None:
+        return None
+    return on_disk * 4 // per_param
+
+
 def _cpu_args(config: EngineConfig) -> dict[str, Any]:
     return {
+        "dtype": cpu_dtype(config),
         "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
         "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
         "distributed_executor_backend": "uni",

@@ -69,8 +69,11 @@ async def test_served_name_is_the_directory_name(smollm2) -> None:
 
 async def test_the_readmes_first_request_answers_paris_every_time(smollm2) -> None:
     """The README's first request sets no sampling field: the model's own defaults (written by
-    `llmserve models prepare`) must make the first answer a newcomer sees a sensible one."""
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    `llmserve models prepare`), the float32 `dtype: auto` picks for it on CPU and the README's
+    prompt must make the first answer a newcomer sees a sensible one. (Measured: 48 of 48
+    samples name Paris; the bare "What is the capital of France?" only 8 of 12.)"""
+    question = [{"role": "user",
+                 "content": "What is the capital of France? Answer in one sentence."}]  # fmt: skip
     body = {"model": "smollm2-135m-instruct", "messages": question}
     answers = []
     for _ in range(3):
