@@ -190,3 +190,36 @@ async def test_without_a_frontend_the_fast_paths_refusal_stands(app_client, conf
     responses = await client.post("/v1/responses", json={"model": "fake", "input": "hi"})
     assert responses.status == 400
     assert (await responses.json())["error"]["code"] == "unsupported_route"
+
+
+class PriorityFrontend(ScriptedFrontend):
+    """Records the engine priority the gate hands vLLM for the request's `priority`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine_priorities: list[int] = []
+
+    async def _generate(self, gate: GenerationGate, n: int, max_tokens: int) -> int:
+        admitted = await gate.enter(PROMPT_TOKENS, max_tokens, n, self.requested)
+        self.engine_priorities.append(admitted.engine_priority)
+        await admitted.close()
+        return 0
+
+    async def handle(self, route: str, body: dict[str, Any], gate: GenerationGate) -> Any:
+        self.requested = int(body.get("priority") or 0)
+        return await super().handle(route, body, gate)
+
+
+async def test_a_requests_priority_may_lower_its_urgency_never_raise_it(app_client, tmp_path):
+    config = make_config(
+        tmp_path,
+        engine={"options": {"scheduling_policy": "priority"}},
+        limits={"default_tier": "pro", "tiers": {"pro": {"priority": 10}}},
+    )
+    frontend = PriorityFrontend()
+    client = await app_client(config, EngineWithFrontend(frontend))
+    for requested in (-1000, 0, 5):  # vLLM: lower values are served first
+        response = await client.post("/v1/chat/completions",
+                                     json=chat_body(n=2, priority=requested))  # fmt: skip
+        assert response.status == 200, await response.text()
+    assert frontend.engine_priorities == [-10, 0, 5]  # never before the tier's own -10

