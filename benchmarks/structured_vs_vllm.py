@@ -77,7 +77,7 @@ async def load(base_url: str, key: str, requests: int, concurrency: int) -> dict
 def run_vllm(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     port = free_port()
     command = [sys.executable, "-c", VLLM_CLI, "serve", str(MODEL), "--host", "127.0.0.1",
-               "--port", str(port), *VLLM_SERVE_ARGS, *STRUCTURED]  # fmt: skip
+               "--port", str(port), *VLLM_SERVE_ARGS, *STRUCTURED, "--dtype", args.dtype]  # fmt: skip
     proc = start(command, VLLM_ENV, port, workdir / "vllm.log")
     try:
         return asyncio.run(load(f"http://127.0.0.1:{port}", "none", args.requests,
@@ -89,6 +89,9 @@ def run_vllm(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
 def run_llmserve(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     port = free_port()
     config = llmserve_config(workdir, port)
+    settings = json.loads(config.read_text())
+    settings["engine"]["dtype"] = args.dtype
+    config.write_text(json.dumps(settings))
     created = subprocess.run(
         [sys.executable, "-m", "llmserve", "keys", "create", "--name", "bench", "-c", str(config)],
         capture_output=True, text=True, check=True,
@@ -111,6 +114,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="alternate the servers N times")
+    parser.add_argument("--dtype", default="auto", help="for both servers")
     args = parser.parse_args()
     runs: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +133,7 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, float]], title: str) -> None:
-    print(f"--- {title}: SmolLM2-135M, json_schema chat, max_tokens 64")
+    print(f"--- {title}: SmolLM2-135M, json_schema chat, max_tokens 64, same dtype for both")
     print(json.dumps(results))
     for name, r in results.items():
         print(f"{name:<12} {r['output_tok_s']:>9.1f} out tok/s {r['req_s']:>7.2f} req/s "

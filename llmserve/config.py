@@ -158,9 +158,9 @@ class EngineConfig(Section):
     dtype: str = Field(
         "auto",
         description="Weights dtype passed to vLLM (auto, float32, bfloat16, ...). `auto` on CPU "
-        "runs a model in float32 when its float32 weights take at most 4 GiB (small models "
-        "answer better, and CPUs without native bfloat16 run it 3.5x faster), else the "
-        "checkpoint's own dtype; on GPU it is vLLM's `auto`.",
+        "keeps the checkpoint's bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX, "
+        "Arm BF16), else runs models of up to 4 GiB (in float32) in float32, 3.5x faster there; "
+        "on GPU it is vLLM's `auto`. `llmserve check` and the start-up log say what it chose.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM TP).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM PP).")

@@ -190,19 +190,46 @@ def _model_dir(tmp_path, dtype: str, weight_bytes: int):
     return tmp_path
 
 
-def test_auto_dtype_on_cpu_runs_a_small_model_in_float32(tmp_path):
+AVX2_ONLY = frozenset({"avx", "avx2", "fma"})
+
+
+def test_auto_dtype_keeps_bfloat16_where_the_cpu_computes_it_natively(tmp_path):
     from llmserve.config import EngineConfig
     from llmserve.engine.vllm_args import cpu_dtype
 
-    small = _model_dir(tmp_path, "bfloat16", 270 * 1024**2)  # SmolLM2-135M's size
-    assert cpu_dtype(EngineConfig(model=str(small))) == "float32"
-    assert cpu_dtype(EngineConfig(model=str(small), dtype="bfloat16")) == "bfloat16"
+    small = str(_model_dir(tmp_path, "bfloat16", 270 * 1024**2))  # SmolLM2-135M's size
+    for flags in ({"avx512f", "avx512_bf16"}, {"amx_bf16", "amx_tile"}, {"fp", "asimd", "bf16"}):
+        assert cpu_dtype(EngineConfig(model=small), flags).dtype == "auto", flags
 
 
-def test_auto_dtype_on_cpu_keeps_a_large_models_own_dtype(tmp_path):
+def test_auto_dtype_without_native_bfloat16_runs_a_small_model_in_float32(tmp_path):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import build_launch, cpu_dtype
+
+    small = str(_model_dir(tmp_path, "bfloat16", 270 * 1024**2))
+    assert cpu_dtype(EngineConfig(model=small), AVX2_ONLY).dtype == "float32"
+    assert cpu_dtype(EngineConfig(model=small, dtype="bfloat16"), AVX2_ONLY).dtype == "bfloat16"
+    launch = build_launch(EngineConfig(model=small), "cpu", KNOWN, AVX2_ONLY)
+    assert launch.engine_args["dtype"] == "float32"
+
+
+def test_auto_dtype_without_native_bfloat16_keeps_a_large_models_own_dtype(tmp_path):
     from llmserve.config import EngineConfig
     from llmserve.engine.vllm_args import cpu_dtype
 
     large = _model_dir(tmp_path, "bfloat16", 3 * 1024**3)  # 6 GiB in float32
-    assert cpu_dtype(EngineConfig(model=str(large))) == "auto"
-    assert cpu_dtype(EngineConfig(model="org/hub-model")) == "auto"  # unknown offline
+    choice = cpu_dtype(EngineConfig(model=str(large)), AVX2_ONLY)
+    assert choice.dtype == "auto" and "3.5x slower" in choice.reason
+    assert cpu_dtype(EngineConfig(model="org/hub-model"), AVX2_ONLY).dtype == "auto"
+
+
+def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
+    from llmserve.engine.vllm_args import read_cpu_flags
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert read_cpu_flags(x86) == {"fpu", "avx2", "amx_bf16"}
+    assert read_cpu_flags(arm) == {"fp", "asimd", "bf16"}
+    assert read_cpu_flags(tmp_path / "missing") == frozenset()

@@ -40,3 +40,4 @@ def test_check_shows_the_models_sampling_defaults(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "temperature=0.2 top_p=0.9" in done.stderr
+    assert "# engine.dtype on CPU: " in done.stderr  # and why

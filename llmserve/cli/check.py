@@ -10,6 +10,7 @@ import yaml
 
 from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.config import Config, effective_config, resolve_config_path
+from llmserve.engine.vllm_args import cpu_dtype, read_cpu_flags
 from llmserve.errors import EngineStartError
 from llmserve.models.sampling import model_sampling_defaults
 
@@ -23,6 +24,7 @@ def check(config: Path | None = ConfigOption) -> None:
     _check_engine_options(cfg)
     typer.echo(f"# {resolve_config_path(config)}: OK", err=True)
     _show_sampling_defaults(cfg)
+    _show_cpu_dtype(cfg)
     typer.echo(yaml.safe_dump(effective_config(cfg), sort_keys=False).rstrip())
 
 
@@ -33,6 +35,14 @@ def _show_sampling_defaults(cfg: Config) -> None:
     defaults = model_sampling_defaults(Path(cfg.engine.model))
     shown = " ".join(f"{k}={v}" for k, v in defaults.items()) or "none (vLLM's neutral values)"
     typer.echo(f"# sampling defaults from the model's generation_config.json: {shown}", err=True)
+
+
+def _show_cpu_dtype(cfg: Config) -> None:
+    """What `engine.dtype` becomes on this machine's CPU (the GPU keeps vLLM's choice)."""
+    if cfg.engine.kind != "vllm" or cfg.engine.device == "cuda":
+        return
+    choice = cpu_dtype(cfg.engine, read_cpu_flags())
+    typer.echo(f"# engine.dtype on CPU: {choice.dtype} ({choice.reason})", err=True)
 
 
 def _check_engine_options(cfg: Config) -> None:

@@ -33,7 +33,9 @@ from llmserve.engine.vllm_args import (
     EngineLaunch,
     build_launch,
     check_options,
+    cpu_dtype,
     frontend_args,
+    read_cpu_flags,
     resolve_device,
 )
 from llmserve.engine.vllm_frontend import VLLMFrontend, build_frontend
@@ -126,7 +128,10 @@ class VLLMEngine:
         for name, value in BASE_ENV.items():
             os.environ.setdefault(name, value)
         device = resolve_device(self._config, _cuda_available())
-        launch = build_launch(self._config, device, _engine_arg_names())
+        flags = read_cpu_flags()
+        launch = build_launch(self._config, device, _engine_arg_names(), flags)
+        if device == "cpu":
+            log.info("engine dtype on CPU: %s", cpu_dtype(self._config, flags).reason)
         os.environ.update(launch.env)
         self._vllm = _import_vllm()
         self._launch = launch

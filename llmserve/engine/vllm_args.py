@@ -71,12 +71,15 @@ def resolve_device(config: EngineConfig, cuda_available: bool) -> Device:
 
 
 def build_launch(
-    config: EngineConfig, device: Device, known_options: Collection[str]
+    config: EngineConfig,
+    device: Device,
+    known_options: Collection[str],
+    cpu_flags: Collection[str] = frozenset(),
 ) -> EngineLaunch:
     """The full launch description; raise EngineStartError for options vLLM would refuse."""
     check_options(config.options, known_options)
     args = _common_args(config)
-    args.update(_cpu_args(config) if device == "cpu" else _cuda_args(config))
+    args.update(_cpu_args(config, cpu_flags) if device == "cpu" else _cuda_args(config))
     args.update(config.options)
     if device == "cpu":
         check_seed_safe_on_cpu(args)
@@ -174,24 +177,47 @@ def _structured_outputs(config: EngineConfig) -> dict[str, Any]:
     return {}
 
 
-# On CPU, `dtype: auto` runs models whose float32 weights take at most this much in float32:
-# small models lose answers to bfloat16 rounding (greedy SmolLM2-135M in bfloat16 answers
-# "What is the capital of France?" with "L'Étoile, la Marseillaise..." on an AMX CPU, "The
-# capital of France is Paris." in float32), and CPUs without native bfloat16 run it 3.5x
-# slower. Larger models keep the checkpoint's own dtype (memory first).
+# On CPU, `dtype: auto` keeps the checkpoint's bfloat16 only where the CPU computes bfloat16
+# natively (AVX-512 BF16 or AMX on x86, BF16 on Arm); elsewhere bfloat16 runs 3.5x slower than
+# float32 (engine-notes.md), so a model whose float32 weights fit this size runs in float32.
 CPU_FLOAT32_MAX_BYTES = 4 * 1024**3
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 _BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2, "float": 4, "half": 2}
 
 
-def cpu_dtype(config: EngineConfig) -> str:
-    """The dtype to run on CPU: what the config says, or for `auto`, float32 for a local model
-    whose float32 weights fit CPU_FLOAT32_MAX_BYTES (else the checkpoint's own)."""
+@dataclass(frozen=True, slots=True)
+class DtypeChoice:
+    dtype: str  # what vLLM gets ("auto": the checkpoint's own)
+    reason: str  # for the start-up log and `llmserve check`
+
+
+def cpu_dtype(config: EngineConfig, cpu_flags: Collection[str]) -> DtypeChoice:
+    """The dtype to run on CPU: what the config says; for `auto`, see NATIVE_BF16_FLAGS."""
     if config.dtype != "auto":
-        return config.dtype
+        return DtypeChoice(config.dtype, "set in engine.dtype")
+    if NATIVE_BF16_FLAGS & set(cpu_flags):
+        return DtypeChoice("auto", "the CPU computes bfloat16 natively: the checkpoint's dtype")
     weights = _float32_weight_bytes(Path(config.model))
     if weights is not None and weights <= CPU_FLOAT32_MAX_BYTES:
-        return "float32"
-    return "auto"
+        return DtypeChoice("float32", "no native bfloat16 on this CPU (3.5x slower there)")
+    return DtypeChoice(
+        "auto",
+        "no native bfloat16 on this CPU, but the weights are too large (or unknown) for "
+        "float32: the checkpoint's dtype, which may run 3.5x slower than float32",
+    )
+
+
+def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where unreadable."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
 
 
 def _float32_weight_bytes(model_dir: Path) -> int | None:
@@ -208,9 +234,9 @@ def _float32_weight_bytes(model_dir: Path) -> int | None:
     return on_disk * 4 // per_param
 
 
-def _cpu_args(config: EngineConfig) -> dict[str, Any]:
+def _cpu_args(config: EngineConfig, cpu_flags: Collection[str]) -> dict[str, Any]:
     return {
-        "dtype": cpu_dtype(config),
+        "dtype": cpu_dtype(config, cpu_flags).dtype,
         "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
         "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
         "distributed_executor_backend": "uni",
