@@ -57,7 +57,8 @@ def test_default_config_serves_smollm2_to_the_openai_client(tmp_path):
         client = OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
         stream = client.chat.completions.create(
             model="smollm2", stream=True, max_tokens=24, temperature=0,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            messages=[{"role": "user",
+                       "content": "What is the capital of France? Answer in one sentence."}],
             stream_options={"include_usage": True},
         )  # fmt: skip
         chunks = list(stream)
