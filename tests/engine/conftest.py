@@ -19,7 +19,7 @@ import pytest_asyncio
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 SKIP_REASON = "vllm is not installed (pip install '.[cpu]' on CPU, '.[gpu]' on a GPU box)"
 SMOLLM2_DIR = Path(__file__).resolve().parents[2] / "models" / "smollm2-135m-instruct"
-TINY_MODEL_VERSION = "tiny-qwen2-v1"  # bump when tests/support/tiny_model.py changes
+TINY_MODEL_VERSION = "tiny-qwen2-v2"  # bump when tests/support/tiny_model.py changes
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
