@@ -228,11 +228,18 @@ class EngineConfig(Section):
         return self
 
 
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"
+]
+
+
+def _default_algorithms() -> list[JwtAlgorithm]:
+    return ["HS256"]
+
+
 class JwtConfig(Section):
-    algorithms: list[
-        Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
-    ] = Field(
-        default_factory=lambda: ["HS256"], description="Accepted JWT algorithms (one family)."
+    algorithms: list[JwtAlgorithm] = Field(
+        default_factory=_default_algorithms, description="Accepted JWT algorithms (one family)."
     )
     secret: SecretStr | None = Field(
         None, description="HMAC secret for HS*; use `${LLMSERVE_JWT_SECRET}`, never a literal."

@@ -95,7 +95,7 @@ async def test_request_id_is_echoed_sanitized_or_generated(client):
 
 
 async def test_a_client_that_stops_reading_is_disconnected(app_client, tmp_path):
-    from llmserve.server.keys import LIFECYCLE
+    from llmserve.app_state import LIFECYCLE
 
     config = make_config(
         tmp_path,

@@ -6,8 +6,8 @@ import asyncio
 
 import aiohttp
 
+from llmserve.app_state import GATEWAY, LIFECYCLE
 from llmserve.engine.fake import FakeEngine
-from llmserve.server.keys import GATEWAY, LIFECYCLE
 from tests.support.api import chat_body
 
 

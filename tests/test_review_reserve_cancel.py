@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from llmserve.app_state import LIFECYCLE
 from llmserve.engine.fake import FakeEngine
 from llmserve.limits import Limiter, store_from_url
-from llmserve.server.keys import LIFECYCLE
 from tests.support.api import chat_body, make_config
 
 

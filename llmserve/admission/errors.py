@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from llmserve.errors import DeadlineExceeded, ServiceUnavailable, retry_after_header
 
+__all__ = [
+    "DeadlineExceeded",
+    "deadline_exceeded",
+    "queue_timeout",
+    "server_overloaded",
+    "shutting_down",
+]
+
 
 def deadline_exceeded() -> DeadlineExceeded:
     return DeadlineExceeded(

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +157,9 @@ class Gateway:
     def default_max_tokens(self, tier_name: str, principal: Principal) -> int | None:
         """The tier's default max_tokens, with the key's own override when it has one."""
         if self.limiter is not None:
-            return self.limiter.plan(tier_name, principal.limit_overrides).default_max_tokens
+            plan = self.limiter.plan(tier_name, principal.limit_overrides)
+            default: int | None = plan.default_max_tokens
+            return default
         return self.config.limits.tiers[tier_name].default_max_tokens
 
     def _max_tokens(
@@ -320,7 +322,7 @@ class Gateway:
         await sse.send(pending + tail + objects.DONE)
         await sse.drain()
 
-    async def _deltas(self, request: web.Request, job: Job) -> AsyncIterator[Delta]:
+    async def _deltas(self, request: web.Request, job: Job) -> AsyncGenerator[Delta, None]:
         """Engine deltas, with the timing and token accounting every response needs."""
         record: RequestRecord = request[RECORD]
         loop = asyncio.get_running_loop()

@@ -22,10 +22,10 @@ from llmserve.api.schemas import (
     NotNative,
     parse_request,
 )
+from llmserve.app_state import GATEWAY
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import Prompt
 from llmserve.request_state import PRINCIPAL, RECORD
-from llmserve.server.keys import GATEWAY
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

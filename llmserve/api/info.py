@@ -7,10 +7,10 @@ import time
 from aiohttp import web
 
 from llmserve.api import objects
+from llmserve.app_state import GATEWAY, LIFECYCLE, METRICS
 from llmserve.engine.base import EngineUnavailable
 from llmserve.errors import NotFound, ServiceUnavailable, retry_after_header
 from llmserve.request_state import PRINCIPAL
-from llmserve.server.keys import GATEWAY, LIFECYCLE, METRICS
 
 
 async def list_models(request: web.Request) -> web.Response:

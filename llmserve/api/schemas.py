@@ -252,8 +252,9 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
         )
     if kind == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    if isinstance(err.get("ctx", {}).get("error"), InvalidRequest):
-        return err["ctx"]["error"]
+    wrapped = err.get("ctx", {}).get("error")
+    if isinstance(wrapped, InvalidRequest):
+        return wrapped
     message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
     prefix = "Invalid type" if kind.endswith("_type") or kind == "bool_parsing" else "Invalid value"
     return InvalidRequest(f"{prefix} for '{param}': {message}.", param=param)

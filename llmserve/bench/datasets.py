@@ -167,6 +167,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     except ImportError:
         raise BenchError("--tokenizer needs the `transformers` package") from None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer: Tokenizer = AutoTokenizer.from_pretrained(path)
+        return tokenizer
     except (OSError, ValueError) as exc:
         raise BenchError(f"--tokenizer {path}: cannot load a tokenizer ({exc})") from None

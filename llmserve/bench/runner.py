@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -100,8 +101,9 @@ class _Run:
 
     async def _wait_all_or_stop(self, tasks: list[asyncio.Task[None]]) -> None:
         stopped = asyncio.create_task(self.stop.wait())
-        everything = asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.wait({stopped, everything}, return_when=asyncio.FIRST_COMPLETED)
+        everything: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+        waited: list[asyncio.Future[Any]] = [stopped, everything]
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
 
     async def _one(self, index: int, sample: SampleRequest, arrival: float) -> None:

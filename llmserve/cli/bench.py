@@ -218,7 +218,7 @@ def _tracker(progress: Progress, description: str, total: int) -> Callable[[Requ
 
     def on_result(result: RequestResult) -> None:
         counts["ok" if result.success else "failed"] += 1
-        progress.update(task, advance=1, **counts)
+        progress.update(task, advance=1, ok=counts["ok"], failed=counts["failed"])
 
     return on_result
 

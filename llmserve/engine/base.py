@@ -6,7 +6,7 @@ imports vllm) and `engine.fake.FakeEngine` (deterministic, for tests and gateway
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -153,7 +153,7 @@ class Engine(Protocol):
 
     def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Stream deltas; the last one carries finish_reason. Raise EngineError on failure.
 
         Cancelling the consumer (or closing the iterator) must abort the request in the engine.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +119,7 @@ class FakeEngine:
 
     async def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         self._check_alive()
         self.calls.append(GenerateCall(request_id, prompt, options))
         self.running += 1

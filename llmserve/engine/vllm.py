@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -233,7 +233,7 @@ class VLLMEngine:
 
     async def generate(
         self, prompt: Prompt, options: SamplingOptions, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         llm = self._require_llm()
         token_ids = prompt.token_ids
         if token_ids is None:

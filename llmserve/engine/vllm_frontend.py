@@ -260,7 +260,7 @@ class EngineErrors:
     def __init__(self, client: tuple[type[BaseException], ...],
                  not_found: tuple[type[BaseException], ...],
                  unavailable: tuple[type[BaseException], ...]) -> None:  # fmt: skip
-        self.client = (ValueError, TypeError, *client)
+        self.client: tuple[type[BaseException], ...] = (ValueError, TypeError, *client)
         self._not_found = not_found
         self._unavailable = unavailable
 

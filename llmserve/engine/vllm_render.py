@@ -15,7 +15,10 @@ from llmserve.errors import InvalidRequest
 
 def render_chat_text(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     conversation = [_with_text_content(message) for message in messages]
-    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    text: str = tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    return text
 
 
 def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:

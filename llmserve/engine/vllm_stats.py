@@ -47,7 +47,7 @@ def stat_logger_factory(sink: StatsSink) -> Any:
     """A per-engine StatLoggerFactory (callable(vllm_config, engine_index)) feeding `sink`."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class SinkStatLogger(StatLoggerBase):
+    class SinkStatLogger(StatLoggerBase):  # type: ignore[misc]  # vLLM's types are not followed
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             self.engine_index = engine_index
 

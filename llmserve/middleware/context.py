@@ -12,12 +12,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from llmserve.api.objects import new_id
+from llmserve.app_state import LEDGER, LIFECYCLE, METRICS
 from llmserve.errors import ServiceUnavailable
 from llmserve.logs import request_id_var
 from llmserve.middleware.errors import error_response, respond
 from llmserve.records import GENERATION_ROUTES, RequestRecord
 from llmserve.request_state import PRINCIPAL, RECORD, STARTED
-from llmserve.server.keys import LEDGER, LIFECYCLE, METRICS
 
 access_log = logging.getLogger("llmserve.access")
 log = logging.getLogger("llmserve.server")

@@ -6,8 +6,10 @@ page."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from llmserve.config import CorsConfig
 from llmserve.errors import PermissionDenied
@@ -15,7 +17,7 @@ from llmserve.errors import PermissionDenied
 _PREFLIGHT_METHOD = "Access-Control-Request-Method"
 
 
-def cors_middleware(cors: CorsConfig) -> web.middleware:  # type: ignore[valid-type]
+def cors_middleware(cors: CorsConfig) -> Middleware:
     @web.middleware
     async def answer_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method != "OPTIONS" or _PREFLIGHT_METHOD not in request.headers:
@@ -45,7 +47,9 @@ def _preflight_headers(cors: CorsConfig, request: web.Request, origin: str) -> d
     return out
 
 
-def cors_response_hook(cors: CorsConfig):
+def cors_response_hook(
+    cors: CorsConfig,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
         if origin and cors.allows(origin):

@@ -79,7 +79,7 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> APIError:
         )
     if exc.status == 413:
         return PayloadTooLarge("The request body is larger than this server accepts.")
-    status_error = type(
+    status_error: type[APIError] = type(
         "HTTPError", (APIError,), {"status": exc.status, "error_type": "invalid_request_error"}
     )
     return status_error(exc.reason or "Request failed.", code=f"http_{exc.status}")

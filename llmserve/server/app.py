@@ -13,14 +13,14 @@ from aiohttp.typedefs import Handler
 
 from llmserve.api import generation, info
 from llmserve.api.gateway import Gateway
+from llmserve.app_state import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
 from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import Config
 from llmserve.engine.base import Engine
+from llmserve.lifecycle import Lifecycle
 from llmserve.middleware.context import add_request_id, context_middleware
 from llmserve.middleware.cors import cors_middleware, cors_response_hook
 from llmserve.request_state import PRINCIPAL
-from llmserve.server.keys import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
-from llmserve.server.lifecycle import Lifecycle
 
 log = logging.getLogger("llmserve.server")
 ADMIN = Principal(id="admin-port", kind="anonymous", admin=True)
@@ -68,8 +68,11 @@ def build_app(
 def build_admin_app(main: web.Application) -> web.Application:
     """/metrics, /ready and /health without credentials, for a listener bound to localhost."""
     app = web.Application(middlewares=[context_middleware, admin_principal])
-    for key in (CONFIG, GATEWAY, LIFECYCLE, METRICS, LEDGER):
-        app[key] = main[key]  # type: ignore[index]
+    app[CONFIG] = main[CONFIG]
+    app[GATEWAY] = main[GATEWAY]
+    app[LIFECYCLE] = main[LIFECYCLE]
+    app[METRICS] = main[METRICS]
+    app[LEDGER] = main[LEDGER]
     app.on_response_prepare.append(add_request_id)
     app.router.add_get("/health", info.health)
     app.router.add_get("/ready", info.ready)

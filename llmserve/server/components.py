@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from llmserve.admission import AdmissionQueue
+from llmserve.app_state import GATEWAY, LIFECYCLE
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.redact import install_redaction
@@ -23,7 +24,6 @@ from llmserve.metrics import Metrics
 from llmserve.middleware.auth import auth_middleware
 from llmserve.server.app import build_admin_app, build_app
 from llmserve.server.heap import PauseRecorder
-from llmserve.server.keys import GATEWAY, LIFECYCLE
 from llmserve.usage import open_ledger
 
 log = logging.getLogger("llmserve.server")

@@ -14,11 +14,11 @@ import signal
 
 from aiohttp import web
 
+from llmserve.app_state import GATEWAY, LIFECYCLE
 from llmserve.config import Config
 from llmserve.server.app import ENGINE_START
 from llmserve.server.components import Components, build_components
 from llmserve.server.heap import collect_every, freeze_heap, tune_collector
-from llmserve.server.keys import GATEWAY, LIFECYCLE
 
 log = logging.getLogger("llmserve.server")
 
@@ -81,7 +81,7 @@ async def _start_sites(runner: web.AppRunner, components: Components, config: Co
 
 
 def _addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
-    return [tuple(a)[:2] for a in runner.addresses]  # type: ignore[misc]
+    return [(str(a[0]), int(a[1])) for a in runner.addresses]
 
 
 async def _wait_for_end(app: web.Application) -> int:

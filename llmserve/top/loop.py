@@ -18,7 +18,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 
 from llmserve.top.scrape import Scrape, ScrapeError, Scraper
-from llmserve.top.stats import History, summarize
+from llmserve.top.stats import History, Snapshot, summarize
 from llmserve.top.view import ViewState, render_dashboard
 
 MIN_INTERVAL, MAX_INTERVAL = 0.25, 60.0
@@ -33,7 +33,7 @@ class TopState:
         self.paused = False
         self.previous: Scrape | None = None
         self.history = History()
-        self.snapshot = None
+        self.snapshot: Snapshot | None = None
         self.error: str | None = None
 
     def step(self) -> None:
@@ -44,8 +44,8 @@ class TopState:
             return
         self.error = None
         if self.previous is not None:
-            self.snapshot = summarize(self.previous, current)
-            self.history.add(self.snapshot)
+            snapshot = self.snapshot = summarize(self.previous, current)
+            self.history.add(snapshot)
         self.previous = current
 
     def view(self) -> ViewState:
@@ -105,11 +105,16 @@ def run_live(scraper: Scraper, interval: float, console: Console) -> None:
             live.update(render_dashboard(state.view()), refresh=True)
 
 
+def _sleep_without_key(timeout: float) -> str | None:
+    time.sleep(timeout)
+    return None
+
+
 @contextlib.contextmanager
 def _key_reader(stream: TextIO) -> Iterator[Callable[[float], str | None]]:
     """A function that waits up to `timeout` for one key press (None: no key, or no tty)."""
     if not stream.isatty():
-        yield lambda timeout: time.sleep(timeout)  # type: ignore[func-returns-value]
+        yield _sleep_without_key
         return
     import termios
     import tty

@@ -127,7 +127,8 @@ class Scraper:
         request = urllib.request.Request(self.url + path, headers=self._headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
+                body: bytes = response.read()
+                return body
         except urllib.error.HTTPError as exc:
             hint = (
                 " (an admin key: --api-key or $LLMSERVE_API_KEY)" if exc.code in (401, 403) else ""

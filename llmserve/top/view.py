@@ -21,10 +21,12 @@ SPARK_WIDTH = 16
 MAX_PRINCIPAL_ROWS = 5
 SPARKS = "▁▂▃▄▅▆▇█"
 KEYS_HELP = "q quit · space pause · +/- interval"
+
+
 # Borderless tables keep the whole dashboard inside an 80x24 terminal.
-_TABLE = dict(
-    box=box.SIMPLE_HEAD, title_justify="left", title_style="bold", expand=True, padding=(0, 1)
-)
+def _table(title: str) -> Table:
+    return Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold",
+                 expand=True, padding=(0, 1))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +140,7 @@ def _sparklines(history: Sequence[Point], snap: Snapshot) -> Panel:
 
 
 def _latency_table(snap: Snapshot) -> Table:
-    table = Table(title=f"latency, last {snap.seconds:.1f}s", **_TABLE)
+    table = _table(f"latency, last {snap.seconds:.1f}s")
     table.add_column("", no_wrap=True)
     for q in QUANTILES:
         table.add_column(f"p{q * 100:g}", justify="right", no_wrap=True)
@@ -148,7 +150,7 @@ def _latency_table(snap: Snapshot) -> Table:
 
 
 def _admission_table(snap: Snapshot) -> Table:
-    table = Table(title="admission", **_TABLE)
+    table = _table("admission")
     table.add_column("", no_wrap=True)
     table.add_column("recent", justify="right", no_wrap=True)
     table.add_column("total", justify="right", no_wrap=True)
@@ -166,7 +168,7 @@ def _admission_table(snap: Snapshot) -> Table:
 
 
 def _principals_table(snap: Snapshot) -> Table:
-    table = Table(title="busiest principals", **_TABLE)
+    table = _table("busiest principals")
     table.add_column("principal")
     table.add_column("tokens/s", justify="right")
     table.add_column("requests/s", justify="right")

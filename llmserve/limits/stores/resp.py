@@ -423,7 +423,7 @@ class RespClient:
         return await conn.request(encode_command(args))
 
     async def ping(self) -> str:
-        return await self.call("PING")  # "PONG"
+        return str(await self.call("PING"))  # "PONG"
 
     async def call_many(self, commands: Sequence[Sequence[RespArg]]) -> list[Any]:
         """Several commands in one write; raises the first error reply among them."""
@@ -521,7 +521,7 @@ class RespClient:
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, RespError):
                 raise RespConnectionError(
-                    f"redis at {self.options.where}: {command[0]} refused: {reply}"
+                    f"redis at {self.options.where}: {_command_name(command[0])} refused: {reply}"
                 )
 
 
@@ -534,3 +534,7 @@ def handshake_commands(options: RespOptions) -> list[tuple[RespArg, ...]]:
     if options.db:
         commands.append(("SELECT", options.db))
     return commands
+
+
+def _command_name(name: RespArg) -> str:
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
