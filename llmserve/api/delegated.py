@@ -25,6 +25,7 @@ from llmserve.api.sse import SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import FrontendRoute, JSONReply, OpenAIFrontend, StreamReply
 from llmserve.errors import APIError, DeadlineExceeded, InternalError, InvalidRequest
+from llmserve.records import RequestRecord
 from llmserve.request_state import RECORD
 
 log = logging.getLogger("llmserve.gateway")
@@ -84,7 +85,7 @@ def _prepare_body(
     route: FrontendRoute,
     body: dict[str, Any],
     principal: Principal,
-    record: Any,
+    record: RequestRecord,
 ) -> None:
     fields.check_refused(body)
     if route == "responses":

@@ -24,6 +24,7 @@ from llmserve.api.sse import SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import Prompt, SamplingOptions
 from llmserve.errors import APIError, InvalidRequest
+from llmserve.limits.limiter import Reservation
 from llmserve.records import RequestRecord
 from llmserve.request_state import RECORD, STARTED
 
@@ -73,7 +74,7 @@ class RequestGate:
         job = self._job(prompt_tokens, max_tokens * max(1, n))
         reservation = await self._gateway.reserve(job)
         self._record.admitted = True
-        headers = getattr(reservation, "headers", None) or {}
+        headers = reservation.headers if reservation is not None else {}
         self.headers.update(headers)
         if self.sse is not None:
             for name, value in headers.items():
@@ -150,7 +151,7 @@ class GenerationPass:
 
     gate: RequestGate
     job: Job
-    reservation: object
+    reservation: Reservation | None
     requested_priority: int
     engine_started: bool = False
     finish_reason: str | None = None

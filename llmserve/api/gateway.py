@@ -8,13 +8,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from llmserve.admission.protocol import Admission, AdmissionTicket
 from llmserve.api import objects
+from llmserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from llmserve.api.sse import Heartbeats, SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.config import Config, TierConfig
@@ -38,6 +40,8 @@ from llmserve.errors import (
     ServiceUnavailable,
     retry_after_header,
 )
+from llmserve.limits.limiter import Reservation
+from llmserve.limits.protocol import RateLimiter
 from llmserve.records import RequestRecord
 from llmserve.request_state import RECORD, STARTED
 
@@ -67,7 +71,7 @@ class Job:
     completion_tokens: int = 0
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
-    ticket: Any = None  # the admission slot, released as soon as the engine is done
+    ticket: AdmissionTicket | None = None  # the engine slot, released once the engine is done
 
 
 class Gateway:
@@ -76,15 +80,15 @@ class Gateway:
         config: Config,
         engine: Engine,
         *,
-        limiter: Any = None,
-        admission: Any = None,
+        limiter: RateLimiter | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.limiter = limiter
         self.admission = admission
         # a store that never yields (memory) needs no task to protect its calls from cancellation
-        self._shield_limiter = not getattr(getattr(limiter, "store", None), "never_suspends", False)
+        self._shield_limiter = limiter is not None and not limiter.never_suspends
         self.heartbeats = Heartbeats(
             config.server.heartbeat_seconds, config.server.stall_timeout_seconds
         )
@@ -134,10 +138,11 @@ class Gateway:
         return name, limits.tiers[name]
 
     def sampling_options(
-        self, params: Any, prompt: Prompt, tier: TierConfig, requested_max: int | None,
+        self, params: ChatCompletionRequest | CompletionRequest, prompt: Prompt,
+        tier: TierConfig, requested_max: int | None,
         default_max: int | None = None,
     ) -> SamplingOptions:  # fmt: skip
-        param = "messages" if hasattr(params, "messages") else "prompt"
+        param = "messages" if isinstance(params, ChatCompletionRequest) else "prompt"
         max_tokens = self._max_tokens(prompt, default_max or tier.default_max_tokens,
                                       requested_max, param)  # fmt: skip
         return SamplingOptions(
@@ -200,7 +205,7 @@ class Gateway:
             if reservation is not None:
                 await self.settle(reservation, job)
 
-    async def reserve(self, job: Job) -> Any:
+    async def reserve(self, job: Job) -> Reservation | None:
         """Reserve against the limits; a client gone mid-reservation gets its tokens back."""
         if self.limiter is None:
             return None
@@ -217,12 +222,14 @@ class Gateway:
             await _shielded(self._release_when_reserved(task))
             raise
 
-    async def _release_when_reserved(self, task: asyncio.Future[Any]) -> None:
+    async def _release_when_reserved(self, task: asyncio.Future[Reservation]) -> None:
+        assert self.limiter is not None
         with contextlib.suppress(Exception):
             reservation = await task
             await self.limiter.release(reservation)
 
-    async def settle(self, reservation: Any, job: Job) -> None:
+    async def settle(self, reservation: Reservation, job: Job) -> None:
+        assert self.limiter is not None  # a reservation comes from it
         prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
         settlement = self.limiter.settlement(reservation, prompt_tokens, job.completion_tokens)
         if settlement is None:
@@ -360,7 +367,7 @@ class Gateway:
             if job.ticket is not None:
                 job.ticket.release()  # the engine is done: a slow reader must not hold the slot
 
-    def enqueue(self, job: Job) -> Any:
+    def enqueue(self, job: Job) -> AdmissionTicket | None:
         """Join the admission queue (None without one). The caller waits for the slot and
         releases it in a `finally`; `_deltas` releases it as soon as the engine is done."""
         if self.admission is None:
@@ -370,7 +377,9 @@ class Gateway:
         )
         return job.ticket
 
-    async def wait_for_slot(self, request: web.Request, ticket: Any, sse: SSEStream | None) -> None:
+    async def wait_for_slot(
+        self, request: web.Request, ticket: AdmissionTicket, sse: SSEStream | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         if sse is not None:
@@ -389,7 +398,7 @@ class Gateway:
         return job.prompt.num_tokens + job.options.max_tokens
 
 
-def queued_comment(ticket: Any) -> str:
+def queued_comment(ticket: AdmissionTicket) -> str:
     """The heartbeat of a waiting stream: `queued position=3 eta_ms=1200` (eta once known)."""
     eta = ticket.eta_seconds
     text = f"queued position={ticket.position}"
@@ -471,7 +480,7 @@ def _internal_error() -> APIError:
     )
 
 
-async def _shielded(coro: Any) -> None:
+async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
     """Run settlement to the end even if the request's task is cancelled meanwhile."""
     task = asyncio.ensure_future(coro)
     try:

@@ -7,7 +7,6 @@ answered by the engine's own OpenAI frontend (api/delegated.py).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from aiohttp import web
 
@@ -90,7 +89,8 @@ def _note_model(request: web.Request, model: str) -> None:
     request[RECORD].model = model
 
 
-def _job(request: web.Request, gateway: Gateway, principal: Principal, params: Any,
+def _job(request: web.Request, gateway: Gateway, principal: Principal,
+         params: ChatCompletionRequest | CompletionRequest,
          prompt: Prompt, *, chat: bool) -> Job:  # fmt: skip
     tier_name, tier = gateway.tier_of(principal)
     request[RECORD].tier = tier_name

@@ -91,6 +91,10 @@ class Limiter:
         self._plans: dict[tuple[str | None, frozenset[tuple[str, int]]], TierPlan] = {}
         self.blocks = RequestBlocks()
 
+    @property
+    def never_suspends(self) -> bool:
+        return bool(getattr(self.store, "never_suspends", False))
+
     def plan(self, tier_name: str | None, overrides: Mapping[str, int]) -> TierPlan:
         """The tier as applied (limits, weight, default_max_tokens, priority); cached."""
         key = (tier_name, frozenset(overrides.items()))

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from llmserve.admission.protocol import Admission
 from llmserve.api import generation, info
 from llmserve.api.gateway import Gateway
 from llmserve.app_state import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
@@ -18,9 +18,12 @@ from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import Config
 from llmserve.engine.base import Engine
 from llmserve.lifecycle import Lifecycle
+from llmserve.limits.protocol import RateLimiter
+from llmserve.metrics import Metrics
 from llmserve.middleware.context import add_request_id, context_middleware
 from llmserve.middleware.cors import cors_middleware, cors_response_hook
 from llmserve.request_state import PRINCIPAL
+from llmserve.usage import UsageLedger
 
 log = logging.getLogger("llmserve.server")
 ADMIN = Principal(id="admin-port", kind="anonymous", admin=True)
@@ -33,15 +36,15 @@ def build_app(
     config: Config,
     engine: Engine,
     *,
-    limiter: Any = None,
-    admission: Any = None,
-    metrics: Any = None,
-    ledger: Any = None,
-    auth_middleware: Any = None,
+    limiter: RateLimiter | None = None,
+    admission: Admission | None = None,
+    metrics: Metrics | None = None,
+    ledger: UsageLedger | None = None,
+    auth_middleware: Middleware | None = None,
 ) -> web.Application:
     """The API application. The engine starts in the background when the app starts, so /health
     answers at once and /ready turns 200 when the model is loaded."""
-    middlewares: list[Any] = [context_middleware]  # it turns errors into responses too
+    middlewares: list[Middleware] = [context_middleware]  # it turns errors into responses too
     if config.server.cors.allowed_origins:
         middlewares.append(cors_middleware(config.server.cors))  # preflights carry no key
     middlewares.append(auth_middleware or anonymous_principal)

@@ -1,0 +1,33 @@
+"""What the gateway needs from the admission queue and from one place in it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class AdmissionTicket(Protocol):
+    """One request's place in the queue, then its engine slot."""
+
+    @property
+    def position(self) -> int:
+        """Requests ahead of this one (0 once admitted)."""
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Predicted wait, once the queue has seen completions (None before)."""
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the slot; raise the queue's 503/504 when it cannot be had."""
+
+    def release(self) -> None:
+        """Give the slot (or the place) back; idempotent."""
+
+
+class Admission(Protocol):
+    def enqueue(
+        self, priority: int = 0, tokens: int = 0, deadline: float | None = None
+    ) -> AdmissionTicket:
+        """Join the queue, or raise 503 (full, or too much queued work) at once."""
+
+    def close(self) -> None:
+        """Shutting down: refuse newcomers, send the waiting away with 503 shutting_down."""
