@@ -1,7 +1,7 @@
 """The configuration tree and loading it from one YAML file.
 
 Every setting is declared once below, with its default and its meaning (the `description`).
-`tests/test_config.py` fails when a setting is missing from the README's config reference.
+`tests/test_config.py` fails when a setting is missing from the config reference in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ def _section_type(annotation: Any) -> Any:
 
 
 def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every (dotted name, FieldInfo) of the tree: used by docs and the README test."""
+    """Every (dotted name, FieldInfo) of the tree: used by docs/configuration.md and its test."""
     out: list[tuple[str, Any]] = []
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"

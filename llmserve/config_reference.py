@@ -1,7 +1,7 @@
-"""The README's config reference, generated from the config tree (one source of truth).
+"""The config reference of docs/configuration.md, generated from the config tree (one source of truth).
 
-`python -m llmserve.config_reference README.md` rewrites the block between the markers;
-tests/test_config.py fails when the README's block is out of date.
+`python -m llmserve.config_reference docs/configuration.md` rewrites the block between the markers;
+tests/test_config.py fails when that block is out of date.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic_core import PydanticUndefined
 
 from llmserve.config import iter_settings
 
-BEGIN = "<!-- config-reference:begin (generated: python -m llmserve.config_reference README.md) -->"
+BEGIN = "<!-- config-reference:begin (generated: python -m llmserve.config_reference docs/configuration.md) -->"
 END = "<!-- config-reference:end -->"
 
 
