@@ -1,7 +1,7 @@
 """The configuration tree and loading it from one YAML file.
 
 Every setting is declared once below, with its default and its meaning (the `description`).
-`tests/test_config.py` fails when a setting is missing from the config reference in docs/configuration.md.
+`tests/test_docs.py` fails when a setting is missing from docs/configuration.md.
 """
 
 from __future__ import annotations

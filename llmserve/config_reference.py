@@ -1,4 +1,4 @@
-"""The config reference of docs/configuration.md, generated from the config tree (one source of truth).
+"""docs/configuration.md's reference table, generated from the config tree (one source).
 
 `python -m llmserve.config_reference docs/configuration.md` rewrites the block between the markers;
 tests/test_config.py fails when that block is out of date.
@@ -15,7 +15,10 @@ from pydantic_core import PydanticUndefined
 
 from llmserve.config import iter_settings
 
-BEGIN = "<!-- config-reference:begin (generated: python -m llmserve.config_reference docs/configuration.md) -->"
+BEGIN = (
+    "<!-- config-reference:begin "
+    "(generated: python -m llmserve.config_reference docs/configuration.md) -->"
+)
 END = "<!-- config-reference:end -->"
 
 

@@ -154,3 +154,14 @@ class DeadlineExceeded(APIError):
     status = 504
     error_type = "server_error"
     default_code = "deadline_exceeded"
+
+
+def shutting_down(*, cut_short: bool = False) -> ServiceUnavailable:
+    """The one 503 of a draining server (new requests, waiting ones, and, with `cut_short`, a
+    response the shutdown's grace time ended)."""
+    cut = " the response was cut short;" if cut_short else ""
+    return ServiceUnavailable(
+        f"The server is shutting down;{cut} retry on another instance or in a moment.",
+        code="shutting_down",
+        headers=retry_after_header(1),
+    )

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from llmserve.errors import DeadlineExceeded, ServiceUnavailable, retry_after_header
+from llmserve.errors import (
+    DeadlineExceeded,
+    ServiceUnavailable,
+    retry_after_header,
+    shutting_down,
+)
 
 __all__ = [
     "DeadlineExceeded",
@@ -34,12 +39,4 @@ def queue_timeout(waited: float, retry_after: int) -> ServiceUnavailable:
         f"retry after {retry_after} s.",
         code="queue_timeout",
         headers=retry_after_header(retry_after),
-    )
-
-
-def shutting_down() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The server is shutting down; retry on another instance or in a moment.",
-        code="shutting_down",
-        headers=retry_after_header(1),
     )

@@ -20,11 +20,17 @@ from aiohttp import web
 from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.api import fields, objects
 from llmserve.api.gate import Caller, RequestGate, bounded_metadata
-from llmserve.api.gateway import Gateway, shutting_down
+from llmserve.api.gateway import Gateway
 from llmserve.api.sse import SSEStream
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import FrontendRoute, JSONReply, OpenAIFrontend, StreamReply
-from llmserve.errors import APIError, DeadlineExceeded, InternalError, InvalidRequest
+from llmserve.errors import (
+    APIError,
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    shutting_down,
+)
 from llmserve.records import RequestRecord
 from llmserve.request_state import RECORD
 
@@ -220,7 +226,7 @@ def _raise_outcome(
     if cancelled:
         if gateway.force_stopping:
             task.uncancel()
-            raise shutting_down()
+            raise shutting_down(cut_short=True)
         raise asyncio.CancelledError()  # the client went away
     gate.raise_refusal()
 

@@ -39,6 +39,7 @@ from llmserve.errors import (
     PermissionDenied,
     ServiceUnavailable,
     retry_after_header,
+    shutting_down,
 )
 from llmserve.limits.limiter import Reservation
 from llmserve.limits.protocol import RateLimiter
@@ -196,7 +197,7 @@ class Gateway:
             if not self.force_stopping:
                 raise  # the client went away
             _uncancel()
-            raise shutting_down() from None
+            raise shutting_down(cut_short=True) from None
         finally:
             # usage is what the engine really processed: nothing for a request refused before it
             record.prompt_tokens = job.prompt.num_tokens if job.engine_started else 0
@@ -285,7 +286,7 @@ class Gateway:
             if not self.force_stopping:
                 raise  # the client went away: nothing to tell anyone
             _uncancel()
-            await self._write_error(request, sse, shutting_down())
+            await self._write_error(request, sse, shutting_down(cut_short=True))
         except APIError as exc:
             await sse.stop_heartbeats()
             if not sse.started:
@@ -463,14 +464,6 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-def shutting_down() -> APIError:
-    return ServiceUnavailable(
-        "The server is shutting down; the response was cut short. Retry on another instance.",
-        code="shutting_down",
-        headers=retry_after_header(1),
-    )
 
 
 def _internal_error() -> APIError:

@@ -9,7 +9,7 @@ from aiohttp import web
 from llmserve.api import objects
 from llmserve.app_state import GATEWAY, LIFECYCLE, METRICS
 from llmserve.engine.base import EngineUnavailable
-from llmserve.errors import NotFound, ServiceUnavailable, retry_after_header
+from llmserve.errors import NotFound, ServiceUnavailable, retry_after_header, shutting_down
 from llmserve.request_state import PRINCIPAL
 
 
@@ -40,8 +40,7 @@ async def ready(request: web.Request) -> web.Response:
     """Readiness: the engine is loaded and healthy, and the server is not draining."""
     gateway = request.app[GATEWAY]
     if request.app[LIFECYCLE].draining:
-        raise ServiceUnavailable("The server is shutting down.", code="shutting_down",
-                                 headers=retry_after_header(1))  # fmt: skip
+        raise shutting_down()
     try:
         await gateway.engine.check_health()
     except EngineUnavailable as exc:

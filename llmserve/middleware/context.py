@@ -13,7 +13,7 @@ from aiohttp.typedefs import Handler
 
 from llmserve.api.objects import new_id
 from llmserve.app_state import LEDGER, LIFECYCLE, METRICS
-from llmserve.errors import ServiceUnavailable
+from llmserve.errors import shutting_down
 from llmserve.logs import request_id_var
 from llmserve.middleware.errors import error_response, respond
 from llmserve.records import GENERATION_ROUTES, RequestRecord
@@ -74,10 +74,8 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 async def _handle(request: web.Request, handler: Handler, draining: bool) -> web.StreamResponse:
     if draining and request.path != "/health":
-        error = ServiceUnavailable(
-            "The server is shutting down; retry on another instance.", code="shutting_down",
-            headers={"Retry-After": "1", "Connection": "close"},
-        )  # fmt: skip
+        error = shutting_down()
+        error.headers["Connection"] = "close"
         request[RECORD].error_code = error.code
         response: web.StreamResponse = error_response(error)
     else:
