@@ -1,4 +1,4 @@
-"""Review: prompt tokens of requests the limiter or the queue refused are reported as used."""
+"""Requests the limiter or the queue refused add no prompt tokens to metrics or the ledger."""
 
 from __future__ import annotations
 

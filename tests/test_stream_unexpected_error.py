@@ -1,4 +1,4 @@
-"""Review: an unexpected (non-APIError) failure after the first byte ends the stream silently."""
+"""An unexpected (non-APIError) failure after the first byte is an SSE error event."""
 
 from __future__ import annotations
 

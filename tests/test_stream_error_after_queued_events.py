@@ -1,9 +1,8 @@
-"""Review: events queued for the SSE writer task are lost when a stream ends with an error event.
+"""Events queued for the SSE writer task all reach the client before a stream's error event.
 
 `SSEStream.send` writes the first event of a loop turn at once and queues the rest for a writer
-task. When the engine then fails, `Gateway._run_stream` writes the error event straight to the
-socket (`_write_error` -> `sse.write`) and `sse.close()` cancels the writer task with its queue:
-the tokens produced (and counted, and charged) before the failure never reach the client.
+task. When the engine then fails, the error event must go after that queue: the tokens produced
+(and counted, and charged) before the failure all reach the client.
 """
 
 from __future__ import annotations

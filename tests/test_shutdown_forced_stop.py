@@ -1,4 +1,4 @@
-"""Review: at the end of the shutdown grace time a running non-streaming request is cut off."""
+"""At the end of the shutdown grace time a running non-streaming request gets a 503."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review: when the stream writer fails (client gone), the engine request must stop before the
+"""When the stream writer fails (client gone), the engine request must stop before the
 admission slot is handed back and before the reservation is settled."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review: a client that stops reading a stream keeps its engine slot after generation ends."""
+"""A client that stops reading a stream does not keep its engine slot after generation."""
 
 from __future__ import annotations
 

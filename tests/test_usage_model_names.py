@@ -1,4 +1,4 @@
-"""Review: the caller's `model` string reaches the usage ledger before it is validated."""
+"""Only validated model names reach the usage ledger (unknown names cannot flood it)."""
 
 from __future__ import annotations
 

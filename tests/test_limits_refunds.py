@@ -1,4 +1,4 @@
-"""Second review: limiter defects, each test fails on the current code."""
+"""Bucket refunds: a late refund never credits tokens charged after it."""
 
 from __future__ import annotations
 

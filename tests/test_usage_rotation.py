@@ -1,4 +1,4 @@
-"""Second review: usage ledger defects, each test fails on the current code."""
+"""Ledger rotation failures: no foreign descriptor closed, and the ledger recovers."""
 
 from __future__ import annotations
 

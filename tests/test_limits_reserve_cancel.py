@@ -1,5 +1,5 @@
-"""Review: a client that goes away while its reservation is on the way back from a remote store
-(Redis: the script ran, the reply is in flight) leaves the whole worst case charged for good."""
+"""A client that goes away while its reservation is on the way back from a remote store
+(Redis: the script ran, the reply is in flight) gets the whole hold refunded."""
 
 from __future__ import annotations
 
