@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import (
 )
 
 from llmserve import __version__
+from llmserve.admission.observer import AdmissionObserver, RejectReason
 from llmserve.config import MetricsConfig
 from llmserve.engine.base import EngineStats
 from llmserve.records import GENERATION_ROUTES, RequestRecord
@@ -294,6 +295,12 @@ class Metrics:
             (),
         )
         self.limiter_unchecked = Counter(self.unchecked)
+        self.queue_rejections = c(
+            "llmserve_queue_rejections",
+            "Requests that left the admission queue without an engine slot, by reason "
+            "(queue_full, queue_tokens, queue_timeout, deadline, cancelled, shutting_down).",
+            ("reason",),
+        )
         h = LabelledHistogram
         self.ttft = h(
             "llmserve_time_to_first_token_seconds",
@@ -407,6 +414,10 @@ class Metrics:
         if record.inter_token_seconds:
             self.itl.child().observe_many(record.inter_token_seconds)
 
+    def admission_observer(self) -> AdmissionObserver:
+        """The admission queue's observer: counts its refusals by reason."""
+        return _QueueObserver(self.queue_rejections)
+
     def observe_gc_pause(self, generation: int, seconds: float) -> None:
         """One garbage-collector pass (server/heap.py's PauseRecorder calls this)."""
         self.gc_pause.child((str(generation),)).observe(seconds)
@@ -460,7 +471,8 @@ class Metrics:
 
     def _counters(self) -> tuple[LabelledCounter, ...]:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
-                self.rate_limited, self.disconnects, self.store_errors, self.unchecked)  # fmt: skip
+                self.rate_limited, self.disconnects, self.store_errors, self.unchecked,
+                self.queue_rejections)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead, self.gc_pause)
@@ -545,3 +557,20 @@ def _gpu_gauges(probe: GpuProbe, describe: bool) -> Iterator[Metric]:
         families[1].add_metric(gpu, float(s.memory_used_bytes))
         families[2].add_metric(gpu, float(s.memory_total_bytes))
     yield from families
+
+
+class _QueueObserver:
+    """AdmissionObserver feeding llmserve_queue_rejections_total (admissions and releases are
+    already measured per request: llmserve_queue_wait_seconds, the latency histograms)."""
+
+    def __init__(self, rejections: LabelledCounter) -> None:
+        self._rejections = rejections
+
+    def admitted(self, priority: int, wait_seconds: float) -> None:
+        pass
+
+    def rejected(self, priority: int, reason: RejectReason, wait_seconds: float) -> None:
+        self._rejections.inc((reason,))
+
+    def released(self, priority: int, held_seconds: float) -> None:
+        pass

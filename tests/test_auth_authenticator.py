@@ -8,16 +8,9 @@ import pytest
 
 from llmserve.auth.authenticator import ANONYMOUS_ADMIN, LAST_USED_FLUSH_SECONDS, Authenticator
 from llmserve.auth.keys import KeyRecord, KeyStore
+from llmserve.clock import ManualClock
 from llmserve.config import AuthConfig
 from llmserve.errors import AuthenticationFailed
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class CountingStore:
@@ -80,7 +73,7 @@ def test_header_mistakes_get_helpful_codes(store: KeyStore) -> None:
 
 def test_hot_key_is_served_from_memory_within_cache_seconds(store: KeyStore) -> None:
     _, api_key = store.create("svc")
-    counting, clock = CountingStore(store), FakeClock()
+    counting, clock = CountingStore(store), ManualClock(100.0)
     auth = Authenticator(AuthConfig(keys=store.directory, cache_seconds=0.5), counting, clock)
     for _ in range(100):
         auth.authenticate(bearer(api_key))
@@ -92,7 +85,7 @@ def test_hot_key_is_served_from_memory_within_cache_seconds(store: KeyStore) -> 
 
 def test_refusals_are_cached_too(store: KeyStore) -> None:
     counting = CountingStore(store)
-    auth = Authenticator(AuthConfig(keys=store.directory), counting, FakeClock())
+    auth = Authenticator(AuthConfig(keys=store.directory), counting, ManualClock(100.0))
     unknown = "sk-llms-000000000000-" + "x" * 43
     for _ in range(10):
         assert code_of(auth, bearer(unknown)) == "invalid_api_key"
@@ -100,7 +93,7 @@ def test_refusals_are_cached_too(store: KeyStore) -> None:
 
 
 def test_revoked_key_is_refused_once_the_cache_entry_ages_out(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     with KeyStore(tmp_path / "keys") as server_side, KeyStore(tmp_path / "keys") as cli_side:
         record, api_key = cli_side.create("svc")
         auth = Authenticator(AuthConfig(keys=tmp_path, cache_seconds=1.0), server_side, clock)
@@ -113,7 +106,7 @@ def test_revoked_key_is_refused_once_the_cache_entry_ages_out(tmp_path: Path) ->
 
 
 def test_rotated_key_old_secret_stops_and_new_one_works(store: KeyStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     record, old = store.create("svc")
     auth = Authenticator(AuthConfig(keys=store.directory, cache_seconds=0.5), store, clock)
     auth.authenticate(bearer(old))
@@ -124,11 +117,11 @@ def test_rotated_key_old_secret_stops_and_new_one_works(store: KeyStore) -> None
 
 
 def test_expired_key_says_expired_even_when_it_expires_while_cached(store: KeyStore) -> None:
-    wall = FakeClock()
+    wall = ManualClock(100.0)
     wall.now = 1_000.0
     _, api_key = store.create("svc", expires=1_010.0)
     auth = Authenticator(AuthConfig(keys=store.directory, cache_seconds=1.0), store,
-                         FakeClock(), wall_clock=wall)  # fmt: skip
+                         ManualClock(100.0), wall_clock=wall)  # fmt: skip
     auth.authenticate(bearer(api_key))
     wall.now = 1_010.0
     assert code_of(auth, bearer(api_key)) == "api_key_expired"
@@ -149,8 +142,8 @@ def test_unknown_and_revoked_keys_get_the_same_answer(store: KeyStore) -> None:
 
 def test_last_used_is_batched_and_flushed(store: KeyStore) -> None:
     record, api_key = store.create("svc")
-    counting, clock = CountingStore(store), FakeClock()
-    wall = FakeClock()
+    counting, clock = CountingStore(store), ManualClock(100.0)
+    wall = ManualClock(100.0)
     auth = Authenticator(AuthConfig(keys=store.directory), counting, clock, wall_clock=wall)
     auth.authenticate(bearer(api_key))
     assert counting.touched == []  # no write on the request path
@@ -173,7 +166,7 @@ def test_disabled_auth_gives_everyone_an_anonymous_admin() -> None:
 def test_cache_is_bounded_under_a_spray_of_random_credentials(store: KeyStore) -> None:
     from llmserve.auth import authenticator as module
 
-    auth = Authenticator(AuthConfig(keys=store.directory), store, FakeClock())
+    auth = Authenticator(AuthConfig(keys=store.directory), store, ManualClock(100.0))
     for i in range(module.CACHE_MAX_ENTRIES + 5):
         with pytest.raises(AuthenticationFailed):
             auth.authenticate(bearer(f"garbage{i}"))

@@ -6,23 +6,24 @@ import math
 
 import pytest
 
+from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig
 from llmserve.errors import RateLimited
 from llmserve.limits import Limiter
 from llmserve.limits.blocks import MAX_BLOCKED, RequestBlocks
 from llmserve.limits.windows import charge_for, make_rule
 from tests.support.api import chat_body, make_config
-from tests.test_limits_policy import FakeClock, FlakyStore
+from tests.test_limits_policy import FlakyStore
 
 
-def limiter(tiers: dict, clock: FakeClock) -> tuple[Limiter, FlakyStore]:
+def limiter(tiers: dict, clock: ManualClock) -> tuple[Limiter, FlakyStore]:
     store = FlakyStore()
     config = LimitsConfig.model_validate({"default_tier": "t", "tiers": tiers})
     return Limiter(config, store, clock=clock), store  # type: ignore[arg-type]
 
 
 async def test_a_spent_request_window_refuses_early_until_one_request_fits() -> None:
-    clock = FakeClock()
+    clock = ManualClock(1_700_000_000.0)
     lim, store = limiter({"t": {"requests_per_minute": 2, "tokens_per_minute": 1000}}, clock)
     await lim.reserve("p", "t", {}, 10, 10)
     await lim.reserve("p", "t", {}, 10, 10)
@@ -49,7 +50,7 @@ async def test_a_spent_request_window_refuses_early_until_one_request_fits() -> 
 
 async def test_a_token_window_refusal_is_not_remembered() -> None:
     """A smaller request could fit, and refunds of requests in flight free tokens early."""
-    clock = FakeClock()
+    clock = ManualClock(1_700_000_000.0)
     lim, _ = limiter({"t": {"requests_per_minute": 100, "tokens_per_minute": 100}}, clock)
     await lim.reserve("p", "t", {}, 10, 80)
     with pytest.raises(RateLimited) as refused:
@@ -60,7 +61,7 @@ async def test_a_token_window_refusal_is_not_remembered() -> None:
 
 
 async def test_a_changed_tier_ends_the_block() -> None:
-    clock = FakeClock()
+    clock = ManualClock(1_700_000_000.0)
     lim, _ = limiter({"t": {"requests_per_minute": 1}, "big": {"requests_per_minute": 100}}, clock)
     await lim.reserve("p", "t", {}, 1, 1)
     with pytest.raises(RateLimited):

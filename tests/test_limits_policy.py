@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import ConfigError, RateLimited, ServiceUnavailable
 from llmserve.limits import Limiter, StoreUnavailable, store_from_url
@@ -14,14 +15,6 @@ from llmserve.limits.stores.base import ReserveOutcome
 from llmserve.limits.stores.memory import MemoryStore
 from llmserve.limits.stores.redis import RedisStore
 from llmserve.limits.windows import WindowCharge
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FlakyStore:
@@ -57,9 +50,9 @@ class FlakyStore:
             raise StoreUnavailable("connection refused")
 
 
-def limiter(policy: str = "closed", **tier: int) -> tuple[Limiter, FlakyStore, FakeClock]:
+def limiter(policy: str = "closed", **tier: int) -> tuple[Limiter, FlakyStore, ManualClock]:
     config = LimitsConfig(on_store_error=policy, tiers={"default": TierConfig(**tier)})
-    store, clock = FlakyStore(), FakeClock()
+    store, clock = FlakyStore(), ManualClock(1_700_000_000.0)
     return Limiter(config, store, clock), store, clock
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited, ServiceUnavailable
 from llmserve.limits import Limiter, StoreUnavailable
@@ -21,14 +22,6 @@ from tests.support.redis_server import RedisServer, start_or_skip
 pytestmark = pytest.mark.redis
 _prefixes = itertools.count()
 NOW = 1_741_953_600.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_741_953_600.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -48,7 +41,7 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
 
 def make_limiter(store: RedisStore, policy: str = "closed", **tier: int) -> Limiter:
     config = LimitsConfig(on_store_error=policy, tiers={"default": TierConfig(**tier)})
-    return Limiter(config, store, FakeClock())
+    return Limiter(config, store, ManualClock(1_741_953_600.0))
 
 
 def past_retry_time(limiter: Limiter) -> None:

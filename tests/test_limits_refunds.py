@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited
 from llmserve.limits import Limiter, Store
@@ -18,17 +19,6 @@ from tests.support.redis_server import RedisServer, start_or_skip
 
 NOON = float(calendar.timegm((2025, 3, 14, 12, 0, 0)))
 _prefixes = itertools.count()
-
-
-class FakeClock:
-    def __init__(self, now: float = NOON) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +46,7 @@ async def new_store(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[]
         await store.close()
 
 
-def limiter(store: Store, clock: FakeClock, **tier: Any) -> Limiter:
+def limiter(store: Store, clock: ManualClock, **tier: Any) -> Limiter:
     return Limiter(LimitsConfig(tiers={"default": TierConfig(**tier)}), store, clock)
 
 
@@ -67,7 +57,7 @@ async def test_late_refund_of_a_bucket_never_credits_tokens_admitted_after_it(
     other half at t=30. A then settles with 1 real token: the refund of 999 also wipes B's
     charge, and C is admitted for 999 more, all at t=30: 1499 real tokens at one instant
     against a bucket whose burst is 1000."""
-    clock = FakeClock()
+    clock = ManualClock(NOON)
     lim = limiter(new_store(), clock, tokens_per_minute=1000)
     a = await lim.reserve("p", None, {}, 1, 999)  # holds 1000
     clock.advance(30)  # 500 drained

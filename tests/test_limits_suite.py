@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited
 from llmserve.limits import Limiter, Store
@@ -22,17 +23,6 @@ from tests.support.redis_server import RedisServer, start_or_skip
 
 NOON = float(calendar.timegm((2025, 3, 14, 12, 0, 0)))
 _prefixes = itertools.count()
-
-
-class FakeClock:
-    def __init__(self, now: float = NOON) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def limits(**tier: Any) -> LimitsConfig:
@@ -71,16 +61,16 @@ async def new_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactor
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(NOON)
 
 
-def limiter_for(new_store: StoreFactory, clock: FakeClock, **tier: Any) -> Limiter:
+def limiter_for(new_store: StoreFactory, clock: ManualClock, **tier: Any) -> Limiter:
     return Limiter(limits(**tier), new_store(), clock)
 
 
 async def test_requests_per_minute_refuses_the_extra_request_with_exact_retry_after(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, requests_per_minute=3)
     for _ in range(3):
@@ -98,7 +88,7 @@ async def test_requests_per_minute_refuses_the_extra_request_with_exact_retry_af
 
 
 async def test_tokens_per_minute_refill_continuously(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=600)  # 10 tokens/s
     await limiter.reserve("alice", None, {}, 100, 500)
@@ -115,7 +105,9 @@ async def test_tokens_per_minute_refill_continuously(
     await limiter.reserve("alice", None, {}, 50, 50)
 
 
-async def test_principals_have_separate_windows(new_store: StoreFactory, clock: FakeClock) -> None:
+async def test_principals_have_separate_windows(
+    new_store: StoreFactory, clock: ManualClock
+) -> None:
     limiter = limiter_for(new_store, clock, requests_per_minute=1)
     await limiter.reserve("alice", None, {}, 1, 1)
     await limiter.reserve("bob", None, {}, 1, 1)
@@ -124,7 +116,7 @@ async def test_principals_have_separate_windows(new_store: StoreFactory, clock: 
 
 
 async def test_request_bigger_than_the_window_says_it_never_fits(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=1000)
     with pytest.raises(RateLimited) as denied:
@@ -137,7 +129,7 @@ async def test_request_bigger_than_the_window_says_it_never_fits(
 
 
 async def test_reservation_is_all_or_nothing_across_windows(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=1000, tokens_per_day=1500)
     await limiter.reserve("alice", None, {}, 500, 500)
@@ -151,7 +143,7 @@ async def test_reservation_is_all_or_nothing_across_windows(
 
 
 async def test_day_window_resets_at_utc_midnight(new_store: StoreFactory) -> None:
-    clock = FakeClock(float(calendar.timegm((2025, 3, 14, 23, 59, 0))))
+    clock = ManualClock(float(calendar.timegm((2025, 3, 14, 23, 59, 0))))
     limiter = limiter_for(new_store, clock, tokens_per_day=1000)
     admitted = await limiter.reserve("alice", None, {}, 400, 600)
     assert admitted.headers["x-ratelimit-reset-tokens"] == "1m0s"
@@ -167,7 +159,7 @@ async def test_day_window_resets_at_utc_midnight(new_store: StoreFactory) -> Non
 
 
 async def test_month_window_resets_on_the_first_at_utc_midnight(new_store: StoreFactory) -> None:
-    clock = FakeClock(float(calendar.timegm((2024, 12, 31, 23, 0, 0))))
+    clock = ManualClock(float(calendar.timegm((2024, 12, 31, 23, 0, 0))))
     limiter = limiter_for(new_store, clock, tokens_per_month=5000)
     admitted = await limiter.reserve("alice", None, {}, 2000, 3000)
     assert admitted.headers["x-ratelimit-reset-tokens"] == "1h0m0s"
@@ -180,7 +172,7 @@ async def test_month_window_resets_on_the_first_at_utc_midnight(new_store: Store
 
 
 async def test_headers_follow_openai_names_and_formats(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, requests_per_minute=60, tokens_per_minute=1000)
     reservation = await limiter.reserve("alice", None, {}, 40, 60)
@@ -199,7 +191,7 @@ async def test_headers_follow_openai_names_and_formats(
 
 
 async def test_settle_replaces_the_hold_with_the_real_cost(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=1000, tokens_per_day=10_000)
     reservation = await limiter.reserve("alice", None, {}, 100, 800)
@@ -211,7 +203,7 @@ async def test_settle_replaces_the_hold_with_the_real_cost(
     await limiter.reserve("alice", None, {}, 50, 800)  # 850 more fits beside 150
 
 
-async def test_completion_tokens_are_weighted(new_store: StoreFactory, clock: FakeClock) -> None:
+async def test_completion_tokens_are_weighted(new_store: StoreFactory, clock: ManualClock) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_day=10_000, completion_token_weight=1.5)
     reservation = await limiter.reserve("alice", None, {}, 100, 101)
     assert reservation.token_cost == 100 + 152  # 151.5 rounded up
@@ -220,7 +212,7 @@ async def test_completion_tokens_are_weighted(new_store: StoreFactory, clock: Fa
 
 
 async def test_settling_twice_or_releasing_after_settling_refunds_once(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_day=10_000)
     reservation = await limiter.reserve("alice", None, {}, 100, 900)
@@ -232,7 +224,7 @@ async def test_settling_twice_or_releasing_after_settling_refunds_once(
 
 
 async def test_release_refunds_tokens_but_the_request_still_counts(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, requests_per_minute=2, tokens_per_minute=1000)
     reservation = await limiter.reserve("alice", None, {}, 100, 400)
@@ -243,7 +235,7 @@ async def test_release_refunds_tokens_but_the_request_still_counts(
 
 
 async def test_key_overrides_replace_the_tier_limits(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=100)
     await limiter.reserve("big", None, {"tokens_per_minute": 5000}, 1000, 3000)
@@ -252,7 +244,7 @@ async def test_key_overrides_replace_the_tier_limits(
 
 
 async def test_200_concurrent_reservations_admit_exactly_what_fits(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=10_000)
     results = await asyncio.gather(
@@ -267,7 +259,7 @@ async def test_200_concurrent_reservations_admit_exactly_what_fits(
 
 
 async def test_two_limiters_share_limits_only_through_a_shared_store(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     """Two limiters stand for two server processes. Redis: one quota between them.
     Memory: each process has its own state, so together they admit twice the quota."""
@@ -281,7 +273,7 @@ async def test_two_limiters_share_limits_only_through_a_shared_store(
     assert admitted == (quota if new_store.shared else 2 * quota)  # type: ignore[attr-defined]
 
 
-async def test_usage_reports_every_window(new_store: StoreFactory, clock: FakeClock) -> None:
+async def test_usage_reports_every_window(new_store: StoreFactory, clock: ManualClock) -> None:
     limiter = limiter_for(
         new_store,
         clock,
@@ -302,7 +294,7 @@ async def test_usage_reports_every_window(new_store: StoreFactory, clock: FakeCl
 
 
 async def test_a_fresh_principal_has_empty_windows(
-    new_store: StoreFactory, clock: FakeClock
+    new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=1000, tokens_per_day=5000)
     report = await limiter.usage("nobody", None, {})

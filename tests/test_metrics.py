@@ -264,3 +264,21 @@ def test_fast_render_says_exactly_what_prometheus_client_would() -> None:
     reference = generate_latest(reg).decode()
     assert samples(ours) == samples(reference)
     assert len(samples(ours)) > 100
+
+
+def test_queue_refusals_are_counted_by_reason():
+    from prometheus_client import CollectorRegistry
+
+    from llmserve.admission import AdmissionQueue
+    from llmserve.config import MetricsConfig
+    from llmserve.errors import ServiceUnavailable
+    from llmserve.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry(), MetricsConfig())
+    queue = AdmissionQueue(1, 0, 30, observer=metrics.admission_observer())
+    queue.enqueue()  # takes the only slot
+    for _ in range(2):
+        with pytest.raises(ServiceUnavailable):
+            queue.enqueue()
+    body = metrics.render()[0].decode()
+    assert 'llmserve_queue_rejections_total{reason="queue_full"} 2' in body

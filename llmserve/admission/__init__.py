@@ -16,7 +16,7 @@ Errors raised (all APIError, rendered by the error middleware):
                  DeadlineExceeded 504 deadline_exceeded
 """
 
-from llmserve.admission.clock import ManualClock
+from llmserve.clock import ManualClock
 from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.admission.drain import DrainRate, retry_after_seconds
 from llmserve.admission.errors import DeadlineExceeded

@@ -63,7 +63,7 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
     pauses.install()
     closers.append(pauses.remove)
     engine = create_engine(config.engine)
-    admission = AdmissionQueue.from_config(config)
+    admission = AdmissionQueue.from_config(config, observer=metrics.admission_observer())
     app = build_app(config, engine, limiter=limiter, admission=admission, metrics=metrics,
                     ledger=ledger, auth_middleware=middleware)  # fmt: skip
     _bind_metrics(metrics, app, engine, admission, config)
