@@ -16,7 +16,6 @@ Errors raised (all APIError, rendered by the error middleware):
                  DeadlineExceeded 504 deadline_exceeded
 """
 
-from llmserve.clock import ManualClock
 from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.admission.drain import DrainRate, retry_after_seconds
 from llmserve.admission.errors import DeadlineExceeded
@@ -24,6 +23,7 @@ from llmserve.admission.fairness import FairQueue, default_weight
 from llmserve.admission.observer import AdmissionObserver, NullObserver, RejectReason
 from llmserve.admission.queue import AdmissionQueue
 from llmserve.admission.ticket import Slot, Ticket, TicketState
+from llmserve.clock import ManualClock
 
 __all__ = [
     "REQUEST_TIMEOUT_HEADER",
