@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -26,27 +26,32 @@ from llmserve.server.app import build_admin_app, build_app
 from llmserve.server.heap import PauseRecorder
 from llmserve.usage import open_ledger
 
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
 log = logging.getLogger("llmserve.server")
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Components:
+    """The API app and, when configured, the admin app. Everything they own is closed by the
+    API app's cleanup (aiohttp's cleanup_ctx): after the engine, in reverse order of creation."""
+
     app: web.Application
     admin_app: web.Application | None = None
-    _closers: list[Callable[[], Any]] = field(default_factory=list)
 
-    def on_close(self, closer: Callable[[], Any]) -> None:
-        self._closers.append(closer)
 
-    async def close(self) -> None:
-        """Close in reverse order of creation; one failing closer does not stop the others."""
-        for closer in reversed(self._closers):
+def _closing(closers: list[Callable[[], Any]]) -> CleanupContext:
+    async def close_all(app: web.Application) -> AsyncIterator[None]:
+        yield
+        for closer in reversed(closers):  # one failing closer does not stop the others
             try:
                 result = closer()
                 if inspect.isawaitable(result):
                     await result
             except Exception:
                 log.exception("error while closing %r", closer)
+
+    return close_all
 
 
 def build_components(config: Config, *, registry: CollectorRegistry | None = None) -> Components:
@@ -68,10 +73,8 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
                     ledger=ledger, auth_middleware=middleware)  # fmt: skip
     _bind_metrics(metrics, app, engine, admission, config)
     admin = build_admin_app(app) if config.server.admin_port is not None else None
-    components = Components(app=app, admin_app=admin)
-    for closer in closers:
-        components.on_close(closer)
-    return components
+    app.cleanup_ctx.insert(0, _closing(closers))  # first in: cleaned up last, after the engine
+    return Components(app=app, admin_app=admin)
 
 
 def _auth(config: Config, closers: list[Callable[[], Any]]) -> Any:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import signal
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -28,6 +29,8 @@ ENGINE_WATCH_SECONDS = 0.5
 
 async def serve(config: Config) -> int:
     components = build_components(config)
+    if config.server.gc_collect_seconds > 0:
+        components.app.cleanup_ctx.append(_collecting(config.server.gc_collect_seconds))
     runner = web.AppRunner(
         components.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
     )
@@ -36,24 +39,30 @@ async def serve(config: Config) -> int:
         functools.partial(_tune_once_started, config.server.gc_freeze,
                           config.server.gc_gen0_threshold)
     )  # fmt: skip
-    if config.server.gc_collect_seconds > 0:
-        collector = asyncio.create_task(collect_every(config.server.gc_collect_seconds))
-        components.on_close(functools.partial(_stop, collector))
+    admin_runner: web.AppRunner | None = None
     try:
-        await _start_sites(runner, components, config)
+        admin_runner = await _start_sites(runner, components, config)
         exit_code = await _wait_for_end(components.app)
         await _drain(runner, components.app, config.server.shutdown_grace_seconds)
     finally:
-        await runner.cleanup()
-        await components.close()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()  # the app's cleanup_ctx: engine, then everything it owns
     log.info("stopped (exit code %d)", exit_code)
     return exit_code
 
 
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+def _collecting(seconds: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A full garbage collection every `seconds` while the app runs (heap.py)."""
+
+    async def collector(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(collect_every(seconds))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return collector
 
 
 def _tune_once_started(freeze: bool, gen0_threshold: int, start: asyncio.Task[None]) -> None:
@@ -67,7 +76,10 @@ def _tune_once_started(freeze: bool, gen0_threshold: int, start: asyncio.Task[No
     tune_collector(gen0_threshold)
 
 
-async def _start_sites(runner: web.AppRunner, components: Components, config: Config) -> None:
+async def _start_sites(
+    runner: web.AppRunner, components: Components, config: Config
+) -> web.AppRunner | None:
+    """Start listening; return the admin listener's runner, if there is one."""
     site = web.TCPSite(runner, config.server.host, config.server.port)
     await site.start()
     for address in _addresses(runner):
@@ -75,9 +87,14 @@ async def _start_sites(runner: web.AppRunner, components: Components, config: Co
     if components.admin_app is not None and config.server.admin_port is not None:
         admin_runner = web.AppRunner(components.admin_app, access_log=None)
         await admin_runner.setup()
-        components.on_close(admin_runner.cleanup)
-        await web.TCPSite(admin_runner, "127.0.0.1", config.server.admin_port).start()
+        try:
+            await web.TCPSite(admin_runner, "127.0.0.1", config.server.admin_port).start()
+        except BaseException:
+            await admin_runner.cleanup()
+            raise
         log.info("admin endpoints on http://127.0.0.1:%d", config.server.admin_port)
+        return admin_runner
+    return None
 
 
 def _addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
