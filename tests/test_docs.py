@@ -87,3 +87,14 @@ def _anchor(text: str) -> str:
 def _anchors(file: Path) -> set[str]:
     heads = re.findall(r"(?m)^#+ (.+)$", file.read_text())
     return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in heads}
+
+
+def test_the_stream_lifecycle_rules_name_tests_that_exist():
+    from llmserve.api import stream
+
+    doc = stream.__doc__ or ""
+    cited = re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", doc)
+    assert len(cited) >= 9
+    for path, name in cited:
+        source = (ROOT / path).read_text()
+        assert not name or f"def {name}(" in source, f"{path}::{name}"

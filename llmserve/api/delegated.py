@@ -18,10 +18,11 @@ from typing import Any
 from aiohttp import web
 
 from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
-from llmserve.api import fields, objects
+from llmserve.api import fields
 from llmserve.api.gate import Caller, RequestGate, bounded_metadata
 from llmserve.api.gateway import Gateway
 from llmserve.api.sse import SSEStream
+from llmserve.api.stream import StreamLifecycle
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import FrontendRoute, JSONReply, OpenAIFrontend, StreamReply
 from llmserve.errors import (
@@ -143,28 +144,17 @@ async def _stream(
     body: dict[str, Any],
     gate: RequestGate,
 ) -> web.StreamResponse:
-    sse = SSEStream(request, gateway.heartbeats, {})
-    gate.sse = sse
-    sse.start_heartbeats()
-    try:
+    lifecycle = StreamLifecycle(request, gateway.heartbeats, {}, lambda: gateway.force_stopping)
+
+    async def relay(sse: SSEStream) -> None:
+        gate.sse = sse  # heartbeats say the queue position; reservation headers go on it
         with _guard(request, gateway, gate):
             reply = await frontend.handle(route, body, gate)
             if not isinstance(reply, StreamReply):
                 raise InternalError("The engine answered a stream request without a stream.")
             await _pump(reply, gate, sse)
-    except APIError as exc:
-        await sse.stop_heartbeats()
-        if not sse.started:
-            raise
-        request[RECORD].error_code = exc.code
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await sse.send(objects.sse_event(exc.body()))
-            await sse.drain()
-    except ConnectionError:
-        request[RECORD].disconnected = True
-    finally:
-        await sse.close()
-    return sse.response
+
+    return await lifecycle.run(relay)
 
 
 async def _pump(reply: StreamReply, gate: RequestGate, sse: SSEStream) -> None:

@@ -18,6 +18,7 @@ from llmserve.admission.protocol import Admission, AdmissionTicket
 from llmserve.api import objects
 from llmserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from llmserve.api.sse import Heartbeats, SSEStream
+from llmserve.api.stream import StreamLifecycle
 from llmserve.auth.principal import Principal
 from llmserve.config import Config, TierConfig
 from llmserve.engine.base import (
@@ -34,7 +35,6 @@ from llmserve.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
     EngineFailed,
-    InternalError,
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
@@ -267,50 +267,19 @@ class Gateway:
     async def _run_stream(
         self, request: web.Request, job: Job, headers: dict[str, str]
     ) -> web.StreamResponse:
-        sse = SSEStream(request, self.heartbeats, headers)
-        sse.start_heartbeats()
-        try:
-            with _deadline(job):
-                ticket = self.enqueue(job)
-                try:
-                    if ticket is not None:
-                        await self.wait_for_slot(request, ticket, sse)
-                    await self._stream_deltas(request, job, sse)
-                finally:
-                    if ticket is not None:
-                        ticket.release()
-        # (errors are raised straight, never from a local: an exception held by a local of a
-        # frame in its own traceback is a reference cycle, left for the garbage collector)
-        except asyncio.CancelledError:
-            await sse.stop_heartbeats()
-            if not self.force_stopping:
-                raise  # the client went away: nothing to tell anyone
-            _uncancel()
-            await self._write_error(request, sse, shutting_down(cut_short=True))
-        except APIError as exc:
-            await sse.stop_heartbeats()
-            if not sse.started:
-                raise  # nothing sent yet: a plain JSON error with its HTTP status
-            await self._write_error(request, sse, exc)
-        except ConnectionError:
-            request[RECORD].disconnected = True
-        except Exception as exc:  # a bug or an unwrapped engine error: never a silent truncation
-            log.error("stream failed: %s", exc, exc_info=exc)
-            await sse.stop_heartbeats()
-            if not sse.started:
-                raise _internal_error() from None
-            await self._write_error(request, sse, _internal_error())
-        finally:
-            await sse.close()
-        return sse.response
+        lifecycle = StreamLifecycle(request, self.heartbeats, headers, lambda: self.force_stopping)
+        return await lifecycle.run(lambda sse: self._generate_stream(request, job, sse))
 
-    async def _write_error(self, request: web.Request, sse: SSEStream, error: APIError) -> None:
-        """The error event, after every event queued before it (they were generated, counted
-        and charged: the client gets them all)."""
-        request[RECORD].error_code = error.code
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await sse.send(objects.sse_event(error.body()))
-            await sse.drain()
+    async def _generate_stream(self, request: web.Request, job: Job, sse: SSEStream) -> None:
+        with _deadline(job):
+            ticket = self.enqueue(job)
+            try:
+                if ticket is not None:
+                    await self.wait_for_slot(request, ticket, sse)
+                await self._stream_deltas(request, job, sse)
+            finally:
+                if ticket is not None:
+                    ticket.release()
 
     async def _stream_deltas(self, request: web.Request, job: Job, sse: SSEStream) -> None:
         encoder = objects.ChunkEncoder(
@@ -464,13 +433,6 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-def _internal_error() -> APIError:
-    return InternalError(
-        "The server had an error while processing your request. Retry, and if it persists, "
-        "report the X-Request-Id of this response."
-    )
 
 
 async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
