@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llmserve.records import GENERATION_ROUTES
 from llmserve.top.scrape import Scrape
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -21,7 +22,6 @@ LATENCIES = (  # (row title, histogram name)
     ("queue wait", "llmserve_queue_wait_seconds"),
     ("overhead", "llmserve_gateway_overhead_seconds"),
 )
-GENERATION_ROUTES = ("chat", "completions")
 HISTORY_SECONDS = 60.0
 
 
@@ -118,7 +118,7 @@ def summarize(previous: Scrape, current: Scrape, top_principals: int = 8) -> Sna
         in_flight=current.value("llmserve_in_flight_requests"),
         concurrency_limit=current.value("llmserve_concurrency_limit"),
         requests_per_second=sum(
-            rate("llmserve_requests_total", route=r) for r in GENERATION_ROUTES
+            rate("llmserve_requests_total", route=r) for r in sorted(GENERATION_ROUTES)
         ),
         prompt_tokens_per_second=rate("llmserve_tokens_total", type="prompt"),
         completion_tokens_per_second=rate("llmserve_tokens_total", type="completion"),
