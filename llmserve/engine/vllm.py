@@ -2,7 +2,7 @@
 
 This is the only module that imports vllm, and only inside `start()` (in a worker thread, so the
 event loop keeps answering /health while the model loads). What was measured about vLLM on CPU
-and why the CPU settings are what they are: engine-notes.md and `vllm_args.py`.
+and why the CPU settings are what they are: docs/engine.md ("CPU notes") and `vllm_args.py`.
 """
 
 from __future__ import annotations

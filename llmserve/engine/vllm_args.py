@@ -1,7 +1,7 @@
 """From `EngineConfig` to vLLM's AsyncEngineArgs keywords and process environment: pure.
 
 No vllm import here: the caller passes the names AsyncEngineArgs accepts, so this is tested
-without vllm. Why the CPU settings are what they are: see engine-notes.md.
+without vllm. Why the CPU settings are what they are: docs/engine.md, "CPU notes".
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def _structured_outputs(config: EngineConfig) -> dict[str, Any]:
 
 # On CPU, `dtype: auto` keeps the checkpoint's bfloat16 only where the CPU computes bfloat16
 # natively (AVX-512 BF16 or AMX on x86, BF16 on Arm); elsewhere bfloat16 runs 3.5x slower than
-# float32 (engine-notes.md), so a model whose float32 weights fit this size runs in float32.
+# float32 (measured: docs/engine.md, "CPU notes"), so a model whose float32 weights fit this
+# size runs in float32.
 CPU_FLOAT32_MAX_BYTES = 4 * 1024**3
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 _BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2, "float": 4, "half": 2}
