@@ -77,7 +77,8 @@ async def load(base_url: str, key: str, requests: int, concurrency: int) -> dict
 def run_vllm(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     port = free_port()
     command = [sys.executable, "-c", VLLM_CLI, "serve", str(MODEL), "--host", "127.0.0.1",
-               "--port", str(port), *VLLM_SERVE_ARGS, *STRUCTURED, "--dtype", args.dtype]  # fmt: skip
+               "--port", str(port), *VLLM_SERVE_ARGS, *STRUCTURED,
+               "--dtype", args.dtype]  # fmt: skip
     proc = start(command, VLLM_ENV, port, workdir / "vllm.log")
     try:
         return asyncio.run(load(f"http://127.0.0.1:{port}", "none", args.requests,
