@@ -134,9 +134,18 @@ class Gateway:
             self.limiter.refuse_early(principal.id, tier_name, principal.limit_overrides)
 
     def tier_of(self, principal: Principal) -> tuple[str, TierConfig]:
+        """The caller's tier; 403 unknown_tier when its credential names one the config does
+        not define (never the default tier instead: that may be more generous)."""
         limits = self.config.limits
-        name = principal.tier if principal.tier in limits.tiers else limits.default_tier
-        return name, limits.tiers[name]
+        name = principal.tier or limits.default_tier
+        tier = limits.tiers.get(name)
+        if tier is None:
+            raise PermissionDenied(
+                f"Your credentials name the rate-limit tier {name!r}, which this server does "
+                "not define. Ask the operator to fix the key or the token.",
+                code="unknown_tier",
+            )
+        return name, tier
 
     def sampling_options(
         self, params: ChatCompletionRequest | CompletionRequest, prompt: Prompt,
