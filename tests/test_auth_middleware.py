@@ -324,3 +324,35 @@ async def test_parser_error_log_is_redacted_when_the_filter_is_installed(
 def test_redact_keeps_key_ids_and_drops_secrets() -> None:
     text = "b'Bearer sk-llms-0123456789ab-Sec_ret-xyz AAA' and eyJhbGc.eyJzdWIi.c2ln"
     assert redact(text) == "b'Bearer sk-llms-0123456789ab-<redacted> AAA' and <jwt>"
+
+
+@pytest.mark.parametrize("which", ["two Authorization", "two X-API-Key", "both, different"])
+async def test_two_credentials_in_one_request_are_a_400(
+    which: str, world: World, rs_auth: Authenticator, aiohttp_client
+) -> None:
+    from multidict import CIMultiDict
+
+    valid, admin = world.keys["valid"], world.keys["admin"]
+    headers = {
+        "two Authorization": [("Authorization", f"Bearer {valid}"),
+                              ("Authorization", f"Bearer {admin}")],
+        "two X-API-Key": [("X-API-Key", valid), ("X-API-Key", admin)],
+        "both, different": [("Authorization", f"Bearer {valid}"), ("X-API-Key", admin)],
+    }[which]  # fmt: skip
+    client = await aiohttp_client(make_app(rs_auth))
+    response = await client.get("/v1/models", headers=CIMultiDict(headers))
+    text = await response.text()
+    assert response.status == 400, text
+    assert json.loads(text)["error"]["code"] == "ambiguous_credentials"
+    assert valid not in text and admin not in text
+
+
+async def test_the_same_key_in_both_headers_is_one_credential(
+    world: World, rs_auth: Authenticator, aiohttp_client
+) -> None:
+    valid = world.keys["valid"]
+    client = await aiohttp_client(make_app(rs_auth))
+    response = await client.get(
+        "/v1/models", headers={"Authorization": f"Bearer {valid}", "X-API-Key": valid}
+    )
+    assert response.status == 200

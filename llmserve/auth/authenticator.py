@@ -17,7 +17,7 @@ from llmserve.auth.jwt import JwtVerifier
 from llmserve.auth.keys import KEY_PREFIX, KeyRecord
 from llmserve.auth.principal import Principal
 from llmserve.config import AuthConfig
-from llmserve.errors import AuthenticationFailed
+from llmserve.errors import AuthenticationFailed, InvalidRequest
 
 ANONYMOUS_ADMIN = Principal(id="anonymous", kind="anonymous", admin=True)
 MAX_CREDENTIAL_CHARS = 8192  # far above any key or sane JWT; longer is refused unparsed
@@ -58,7 +58,39 @@ def _refuse(failure: tuple[str, str]) -> AuthenticationFailed:
 
 
 def extract_credential(headers: Mapping[str, str]) -> str:
-    """The bearer credential from `Authorization` (preferred) or `X-API-Key`."""
+    """The bearer credential from `Authorization` or `X-API-Key`. Two credentials (the same
+    header twice, or both headers with different values) are a 400: which one a proxy or a
+    server believes must never be a guess."""
+    _one_each(headers)
+    credential = _bearer(headers)
+    api_key = headers.get("X-API-Key", "").strip()
+    if credential and api_key and api_key != credential:
+        raise _ambiguous()
+    if credential:
+        return credential
+    if not api_key:
+        raise _refuse(_MISSING)
+    return api_key
+
+
+def _one_each(headers: Mapping[str, str]) -> None:
+    getall = getattr(headers, "getall", None)
+    if getall is None:
+        return
+    for name in ("Authorization", "X-API-Key"):
+        if len(getall(name, ())) > 1:
+            raise _ambiguous()
+
+
+def _ambiguous() -> InvalidRequest:
+    return InvalidRequest(
+        "Send one credential: this request carries two (Authorization twice, X-API-Key twice, "
+        "or both headers with different values).",
+        code="ambiguous_credentials",
+    )
+
+
+def _bearer(headers: Mapping[str, str]) -> str:
     authorization = headers.get("Authorization", "").strip()
     if authorization:
         scheme, _, value = authorization.partition(" ")
@@ -68,10 +100,7 @@ def extract_credential(headers: Mapping[str, str]) -> str:
         if not value:
             raise _refuse(_MISSING)
         return value
-    api_key = headers.get("X-API-Key", "").strip()
-    if not api_key:
-        raise _refuse(_MISSING)
-    return api_key
+    return ""
 
 
 def _key_principal(record: KeyRecord) -> Principal:
