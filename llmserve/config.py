@@ -259,6 +259,11 @@ class JwtConfig(Section):
         None,
         description="Claim that, when `true`, makes the caller an admin (unset: JWTs never are).",
     )
+    allowed_tiers: list[str] | None = Field(
+        None,
+        description="Tiers a token may claim (unset: any configured tier); bounds what an "
+        "identity provider that lets users edit their claims can hand out.",
+    )
 
     @model_validator(mode="after")
     def _one_algorithm_family(self) -> JwtConfig:
@@ -268,6 +273,12 @@ class JwtConfig(Section):
             raise ValueError("algorithms: do not mix HS* with RS*/ES*/PS* (algorithm confusion)")
         if not self.algorithms:
             raise ValueError("algorithms: list at least one algorithm")
+        secret = self.secret.get_secret_value() if self.secret is not None else None
+        if hmac_algs and secret is not None and len(secret.encode()) < 32:
+            raise ValueError(
+                "secret: at least 32 bytes for HS* (a shorter HMAC secret can be brute-forced "
+                "from one token)"
+            )
         return self
 
 

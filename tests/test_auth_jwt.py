@@ -146,3 +146,28 @@ def test_missing_key_material_is_a_config_error(tmp_path: Path) -> None:
         JwtVerifier(JwtConfig(algorithms=["RS256"], public_key_file=tmp_path / "bad.pem"))
     with pytest.raises(ConfigError, match="private_key_file"):
         mint_token(JwtConfig(algorithms=["RS256"]), "u")
+
+
+def test_an_hmac_secret_shorter_than_32_bytes_is_a_config_error():
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        JwtConfig(algorithms=["HS256"], secret="short-secret")
+    assert JwtConfig(algorithms=["HS256"], secret="s" * 32).secret is not None
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_numeric_claims_of_another_type_are_refused(claim: str) -> None:
+    claims: dict[str, object] = {"sub": "u", "exp": int(time.time()) + 60}
+    claims[claim] = "9999999999" if claim == "exp" else str(int(time.time()) - 10)
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    error = refused(JwtVerifier(hs_config()), token)
+    assert error.code == "invalid_token" and claim in error.message
+    claims[claim] = True
+    assert refused(JwtVerifier(hs_config()), jwt.encode(claims, SECRET, algorithm="HS256"))
+
+
+def test_allowed_tiers_bound_what_a_token_may_claim() -> None:
+    tiers = {"free", "pro", "unlimited"}
+    verifier = JwtVerifier(hs_config(allowed_tiers=["free", "pro"]), known_tiers=tiers)
+    assert verifier.verify(mint_token(hs_config(), "u", tier="pro")).principal.tier == "pro"
+    error = refused(verifier, mint_token(hs_config(), "u", tier="unlimited"))
+    assert "may not claim" in error.message

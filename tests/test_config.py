@@ -63,9 +63,9 @@ def test_environment_interpolation_with_defaults(monkeypatch):
 def test_secrets_are_masked_in_the_effective_config(monkeypatch):
     from llmserve.config import effective_config
 
-    monkeypatch.setenv("LLMSERVE_TEST_SECRET", "hunter2-very-secret")
+    monkeypatch.setenv("LLMSERVE_TEST_SECRET", "hunter2-very-secret-of-at-least-32-bytes")
     config = parse_config("auth: {jwt: {secret: '${LLMSERVE_TEST_SECRET}'}}")
-    assert config.auth.jwt.secret.get_secret_value() == "hunter2-very-secret"
+    assert config.auth.jwt.secret.get_secret_value().startswith("hunter2-very-secret")
     assert "hunter2" not in str(effective_config(config))
 
 

@@ -94,6 +94,7 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise _failure(exc) from None
+        _check_numeric_claims(claims)
         return VerifiedToken(self._principal(claims), float(claims["exp"]))
 
     def _key_for(self, token: str) -> Any:
@@ -116,6 +117,8 @@ class JwtVerifier:
             raise _invalid(f"The {cfg.tier_claim!r} claim must be a string.")
         if tier is not None and self._known_tiers is not None and tier not in self._known_tiers:
             raise _invalid(f"The {cfg.tier_claim!r} claim names a tier this server lacks.")
+        if tier is not None and cfg.allowed_tiers is not None and tier not in cfg.allowed_tiers:
+            raise _invalid(f"The {cfg.tier_claim!r} claim names a tier tokens may not claim.")
         return Principal(
             id=JWT_ID_PREFIX + subject,
             tier=tier,
@@ -123,6 +126,15 @@ class JwtVerifier:
             kind="jwt",
             admin=bool(cfg.admin_claim and claims.get(cfg.admin_claim) is True),
         )
+
+
+def _check_numeric_claims(claims: dict[str, Any]) -> None:
+    """exp, nbf and iat are NumericDate (RFC 7519): numbers, never strings that look like one
+    (pyjwt converts "9999999999" for its own check, so a string would pass it)."""
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _invalid(f"The {name!r} claim must be a number (seconds since the epoch).")
 
 
 def _models(value: Any, claim: str) -> frozenset[str] | None:
