@@ -26,7 +26,8 @@ def test_version():
 
 def test_check_prints_the_effective_config_with_defaults(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("server: {port: 9123}\nauth: {jwt: {secret: s3cr3t-value}}\n")
+    secret = "s3cr3t-value-long-enough-for-hs256-0123"
+    path.write_text(f"server: {{port: 9123}}\nauth: {{jwt: {{secret: {secret}}}}}\n")
     result = runner.invoke(app, ["check", "-c", str(path)])
     assert result.exit_code == 0, result.output
     assert "port: 9123" in result.stdout
