@@ -68,11 +68,24 @@ class UsageLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
+        self._end_torn_line()
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         if fsync_seconds > 0:
             self._syncer = threading.Thread(target=self._sync_loop, name="usage-fsync", daemon=True)
             self._syncer.start()
+
+    def _end_torn_line(self) -> None:
+        """A crash mid-write leaves a last line without its newline: end it, so the next record
+        starts on a line of its own (readers skip the torn one)."""
+        if not self._size:
+            return
+        with open(self.path, "rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            torn = existing.read(1) != b"\n"
+        if torn:
+            os.write(self._fd, b"\n")
+            self._size += 1
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

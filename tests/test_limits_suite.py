@@ -122,6 +122,8 @@ async def test_request_bigger_than_the_window_says_it_never_fits(
     with pytest.raises(RateLimited) as denied:
         await limiter.reserve("alice", None, {}, 200, 900)
     assert "Retry-After" not in denied.value.headers
+    assert denied.value.headers["x-should-retry"] == "false"  # the OpenAI SDKs then do not retry
+    assert denied.value.headers["x-ratelimit-limit-tokens"] == "1000"
     assert "needs 1100 tokens" in denied.value.message
     assert "tokens per minute limit is 1000" in denied.value.message
     assert "never" in denied.value.message

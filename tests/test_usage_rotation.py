@@ -47,3 +47,14 @@ def test_the_ledger_recovers_after_a_failed_rotation(tmp_path: Path) -> None:
         ledger.append(record(2))
     ledger.append(record(3))  # OSError EBADF on every append from now on
     assert b"req-3" in path.read_bytes()
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    from llmserve.records import RequestRecord
+    from llmserve.usage import UsageLedger, read_usage
+
+    path = tmp_path / "usage.jsonl"
+    path.write_text('{"time": 1, "request_id": "torn", "princ')  # a crash mid-write
+    with UsageLedger(path, max_bytes=1 << 20, backups=1, fsync_seconds=0) as ledger:
+        ledger.append(RequestRecord(request_id="next", route="chat", started_at=2.0, status=200))
+    assert [entry.request_id for entry in read_usage(path)] == ["next"]

@@ -15,7 +15,9 @@ def never_fits(charge: WindowCharge) -> RateLimited:
     label, unit, _, _ = RULE_SHAPES[charge.name]
     error = RateLimited(
         f"This request needs {charge.cost} {unit} but your {label} limit is {charge.limit}, "
-        "so it can never be admitted. Lower max_tokens or shorten the prompt."
+        "so it can never be admitted. Lower max_tokens or shorten the prompt.",
+        # the OpenAI SDKs retry a 429 unless told not to: a retry cannot help here
+        headers={"x-should-retry": "false", f"x-ratelimit-limit-{unit}": str(charge.limit)},
     )
     error.limit = charge.name
     return error
