@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from llmserve.errors import ConfigError
+from llmserve.masking import mask_tree
 
 DEFAULT_CONFIG_FILE = "llmserve.yaml"
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
@@ -527,5 +528,7 @@ def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> list[tup
 
 
 def effective_config(config: Config) -> dict[str, Any]:
-    """The config as plain data with secrets masked (for `llmserve check`)."""
-    return config.model_dump(mode="json")
+    """The config as plain data with secrets masked (for `llmserve check`): SecretStr values,
+    and the password of every URL (a Redis URL may carry one)."""
+    masked: dict[str, Any] = mask_tree(config.model_dump(mode="json"))
+    return masked

@@ -11,6 +11,7 @@ import time
 from typing import TextIO
 
 from llmserve.config import LoggingConfig
+from llmserve.masking import mask_url_credentials
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -20,6 +21,17 @@ _STANDARD_ATTRS = {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "mess
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        return True
+
+
+class UrlCredentialFilter(logging.Filter):
+    """No URL password in any log line (a Redis URL in an error message, say)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url_credentials(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
         return True
 
 
@@ -72,6 +84,7 @@ class TextFormatter(logging.Formatter):
 def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(UrlCredentialFilter())
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:

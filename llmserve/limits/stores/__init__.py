@@ -9,6 +9,7 @@ from llmserve.errors import ConfigError
 from llmserve.limits.stores.base import ReserveOutcome, Store, StoreUnavailable
 from llmserve.limits.stores.memory import MemoryStore
 from llmserve.limits.stores.redis import DEFAULT_KEY_PREFIX, RedisStore
+from llmserve.masking import mask_url_credentials
 
 __all__ = ["MemoryStore", "ReserveOutcome", "Store", "StoreUnavailable", "store_from_url"]
 
@@ -28,7 +29,7 @@ def store_from_url(url: str, state_dir: Path | None = None) -> Store:
     if scheme in _REDIS_SCHEMES:
         return _redis_store(url)
     raise ConfigError(
-        f"limits.store: unknown store {url!r}; expected memory:// or "
+        f"limits.store: unknown store {mask_url_credentials(url)!r}; expected memory:// or "
         "redis://host:port/db (also rediss:// and unix://)"
     )
 

@@ -37,6 +37,7 @@ from typing import Any, cast
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from llmserve.errors import ConfigError, LLMServeError
+from llmserve.masking import mask_url_credentials
 
 # A limiter must answer fast even when Redis does not: a call waits at most this long for
 # its reply. Connecting gets longer: it happens once, on a possibly busy event loop.
@@ -90,7 +91,10 @@ def parse_url(url: str) -> RespOptions:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"Redis URL must start redis://, rediss:// or unix://, not {url!r}")
+        raise ConfigError(
+            "Redis URL must start redis://, rediss:// or unix://, "
+            f"not {mask_url_credentials(url)!r}"
+        )
     query = _query(parts)
     common = {**_credentials(parts), **_timeouts(query)}
     if parts.scheme == "unix":
