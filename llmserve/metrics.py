@@ -295,6 +295,17 @@ class Metrics:
             (),
         )
         self.limiter_unchecked = Counter(self.unchecked)
+        self.unavailable = c(
+            "llmserve_limiter_unavailable_rejections",
+            "Requests refused with 503 limiter_unavailable (store down, on_store_error: closed).",
+            (),
+        )
+        self.settlements_lost = c(
+            "llmserve_limiter_settlements_lost",
+            "Settlements not applied because the store was down: those holds stay charged "
+            "at their worst case until their window passes.",
+            (),
+        )
         self.queue_rejections = c(
             "llmserve_queue_rejections",
             "Requests that left the admission queue without an engine slot, by reason "
@@ -461,6 +472,8 @@ class Metrics:
         if stats is not None:
             self.store_errors.values[()] = float(stats.store_errors)
             self.unchecked.values[()] = float(stats.admitted_unchecked)
+            self.unavailable.values[()] = float(stats.rejected_unavailable)
+            self.settlements_lost.values[()] = float(stats.settlements_lost)
 
     def _families(self, describe: bool) -> Iterator[Metric]:
         for counter in self._counters():
@@ -472,7 +485,7 @@ class Metrics:
     def _counters(self) -> tuple[LabelledCounter, ...]:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
                 self.rate_limited, self.disconnects, self.store_errors, self.unchecked,
-                self.queue_rejections)  # fmt: skip
+                self.unavailable, self.settlements_lost, self.queue_rejections)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead, self.gc_pause)

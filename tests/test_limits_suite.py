@@ -140,6 +140,9 @@ async def test_reservation_is_all_or_nothing_across_windows(
         await limiter.reserve("alice", None, {}, 300, 300)
     assert "tokens per day: limit 1500, used 1000, requested 600" in denied.value.message
     assert denied.value.headers["Retry-After"] == str(12 * 3600 - 60)  # until UTC midnight
+    # the tokens headers describe the window that refused: the day's budget, not the minute's
+    assert denied.value.headers["x-ratelimit-limit-tokens"] == "1500"
+    assert denied.value.headers["x-ratelimit-remaining-tokens"] == "500"
     usage = {w.name: w.used for w in await limiter.usage("alice", None, {})}
     assert usage == {"tokens_per_minute": 0, "tokens_per_day": 1000}  # minute not charged
 

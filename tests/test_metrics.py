@@ -282,3 +282,16 @@ def test_queue_refusals_are_counted_by_reason():
             queue.enqueue()
     body = metrics.render()[0].decode()
     assert 'llmserve_queue_rejections_total{reason="queue_full"} 2' in body
+
+
+def test_limiter_refusals_for_a_dead_store_and_lost_settlements_are_exported():
+    from prometheus_client import CollectorRegistry
+
+    from llmserve.config import MetricsConfig
+    from llmserve.limits.limiter import LimiterStats
+    from llmserve.metrics import Metrics
+
+    stats = LimiterStats(rejected_unavailable=3, settlements_lost=2)
+    body = Metrics(CollectorRegistry(), MetricsConfig(), limiter_stats=stats).render()[0].decode()
+    assert "llmserve_limiter_unavailable_rejections_total 3" in body
+    assert "llmserve_limiter_settlements_lost_total 2" in body

@@ -38,7 +38,8 @@ def limit_reached(
         f"Rate limit reached on {label}: limit {charge.limit}, used {math.ceil(u - 1e-9)}, "
         f"requested {charge.cost}. Please try again in {format_duration(wait)}."
     )
-    headers = rate_limit_headers([status(c, u, now) for c, u in zip(charges, used, strict=True)])
+    statuses = [status(c, u, now) for c, u in zip(charges, used, strict=True)]
+    headers = rate_limit_headers(statuses, refused_by=charge.name)
     headers.update(retry_after_header(wait))
     error = RateLimited(message, headers=headers)
     error.limit = charge.name

@@ -51,12 +51,17 @@ def pick_token_window(windows: Sequence[WindowStatus]) -> WindowStatus | None:
     return min(calendar, key=lambda w: w.remaining, default=None)
 
 
-def rate_limit_headers(windows: Sequence[WindowStatus]) -> dict[str, str]:
+def rate_limit_headers(
+    windows: Sequence[WindowStatus], refused_by: str | None = None
+) -> dict[str, str]:
+    """The requests and tokens trios; on a 429, the tokens trio describes the window that
+    refused (a day's budget, not the minute's, when the day ran out)."""
     headers: dict[str, str] = {}
     for window in windows:
         if window.name == "requests_per_minute":
             headers.update(_trio("requests", window))
-    tokens = pick_token_window(windows)
+    refusing = [w for w in windows if w.name == refused_by and w.name.startswith("tokens_")]
+    tokens = refusing[0] if refusing else pick_token_window(windows)
     if tokens is not None:
         headers.update(_trio("tokens", tokens))
     return headers
