@@ -190,3 +190,20 @@ async def test_dead_engine_is_503_with_retry_after(app_client, config):
     assert assert_error_shape(await resp.json())["code"] == "engine_unavailable"
     ready = await client.get("/ready")
     assert ready.status == 503
+
+
+async def test_invalid_requests_count_against_requests_per_minute(app_client, tmp_path):
+    from llmserve.limits.limiter import Limiter
+    from llmserve.limits.stores import store_from_url
+    from tests.support.api import make_config
+
+    config = make_config(tmp_path, limits={"default_tier": "t",
+                                           "tiers": {"t": {"requests_per_minute": 3}}})  # fmt: skip
+    limiter = Limiter(config.limits, store_from_url(config.limits.store, config.limits.state_dir))
+    client = await app_client(config, FakeEngine("fake", 256), limiter=limiter)
+    bad = [{"model": "fake"}, chat_body(temperature="hot"), {"model": "nope", "messages": []}]
+    statuses = [(await client.post("/v1/chat/completions", json=body)).status for body in bad]
+    assert statuses == [400, 400, 400]
+    refused = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1))
+    assert refused.status == 429  # the three invalid ones used the minute's requests
+    assert (await refused.json())["error"]["code"] == "rate_limit_exceeded"

@@ -133,6 +133,18 @@ class Gateway:
         if self.limiter is not None:
             self.limiter.refuse_early(principal.id, tier_name, principal.limit_overrides)
 
+    async def charge_refused_request(self, principal: Principal, tier_name: str | None) -> None:
+        """Count a request refused before the limiter saw it against requests_per_minute (it
+        costs no tokens); a caller already out of requests gets the 429 instead."""
+        if self.limiter is None or tier_name is None:
+            return
+        reservation = await self.limiter.reserve(
+            principal.id, tier_name, principal.limit_overrides, 0, 0
+        )
+        settlement = self.limiter.settlement(reservation, 0, 0)
+        if settlement is not None:
+            await self.limiter.apply(settlement)
+
     def tier_of(self, principal: Principal) -> tuple[str, TierConfig]:
         """The caller's tier; 403 unknown_tier when its credential names one the config does
         not define (never the default tier instead: that may be more generous)."""

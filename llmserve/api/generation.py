@@ -7,6 +7,7 @@ answered by the engine's own OpenAI frontend (api/delegated.py).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -23,12 +24,64 @@ from llmserve.api.schemas import (
 )
 from llmserve.app_state import GATEWAY
 from llmserve.auth.principal import Principal
-from llmserve.engine.base import Prompt
+from llmserve.engine.base import FrontendRoute, Prompt
+from llmserve.errors import APIError
 from llmserve.request_state import PRINCIPAL, RECORD
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway, principal = await _begin(request)
+    return await _counting_refusals(request, gateway, principal, _chat(request, gateway, principal))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    gateway, principal = await _begin(request)
+    work = _completions(request, gateway, principal)
+    return await _counting_refusals(request, gateway, principal, work)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _delegated(request, "responses")
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    return await _delegated(request, "tokenize")
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    return await _delegated(request, "detokenize")
+
+
+async def _delegated(request: web.Request, route: FrontendRoute) -> web.StreamResponse:
+    gateway, principal = await _begin(request)
+
+    async def work() -> web.StreamResponse:
+        return await delegate(request, gateway, principal, route, await _body(request, gateway))
+
+    return await _counting_refusals(request, gateway, principal, work())
+
+
+# A refusal a caller caused before the limiter saw the request (a bad body, an unknown model, a
+# refused field) still costs it one request of its requests_per_minute: invalid requests are
+# not free. Refusals by the limiter itself (429) or the server's own 503s are not counted again.
+_CALLER_ERRORS = frozenset({400, 403, 404, 405, 413, 415, 422})
+
+
+async def _counting_refusals(
+    request: web.Request,
+    gateway: Gateway,
+    principal: Principal,
+    work: Awaitable[web.StreamResponse],
+) -> web.StreamResponse:
+    try:
+        return await work
+    except APIError as exc:
+        if exc.status in _CALLER_ERRORS and not request[RECORD].admitted:
+            await gateway.charge_refused_request(principal, request[RECORD].tier)
+        raise
+
+
+async def _chat(request: web.Request, gateway: Gateway, principal: Principal) -> web.StreamResponse:
     raw = await _body(request, gateway)
     if gateway.config.engine.reasoning_parser and gateway.engine.frontend is not None:
         return await delegate(request, gateway, principal, "chat", raw)
@@ -42,8 +95,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=True))
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    gateway, principal = await _begin(request)
+async def _completions(
+    request: web.Request, gateway: Gateway, principal: Principal
+) -> web.StreamResponse:
     raw = await _body(request, gateway)
     try:
         params = parse_request(CompletionRequest, raw)
@@ -53,21 +107,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_completion(params.prompt_text)
     return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=False))
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    gateway, principal = await _begin(request)
-    return await delegate(request, gateway, principal, "responses", await _body(request, gateway))
-
-
-async def tokenize(request: web.Request) -> web.StreamResponse:
-    gateway, principal = await _begin(request)
-    return await delegate(request, gateway, principal, "tokenize", await _body(request, gateway))
-
-
-async def detokenize(request: web.Request) -> web.StreamResponse:
-    gateway, principal = await _begin(request)
-    return await delegate(request, gateway, principal, "detokenize", await _body(request, gateway))
 
 
 async def _begin(request: web.Request) -> tuple[Gateway, Principal]:
