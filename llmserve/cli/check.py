@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def check(config: Path | None = ConfigOption) -> None:
     typer.echo(f"# {resolve_config_path(config)}: OK", err=True)
     _show_sampling_defaults(cfg)
     _show_cpu_dtype(cfg)
+    _check_store_persistence(cfg)
     typer.echo(yaml.safe_dump(effective_config(cfg), sort_keys=False).rstrip())
 
 
@@ -35,6 +37,25 @@ def _show_sampling_defaults(cfg: Config) -> None:
     defaults = model_sampling_defaults(Path(cfg.engine.model))
     shown = " ".join(f"{k}={v}" for k, v in defaults.items()) or "none (vLLM's neutral values)"
     typer.echo(f"# sampling defaults from the model's generation_config.json: {shown}", err=True)
+
+
+def _check_store_persistence(cfg: Config) -> None:
+    """A Redis limiter store without persistence loses day and month quotas on a restart."""
+    if not cfg.limits.store.startswith(("redis://", "rediss://", "unix://")):
+        return
+    from llmserve.limits.stores import store_from_url
+
+    async def probe() -> str | None:
+        store = store_from_url(cfg.limits.store)
+        try:
+            check = getattr(store, "persistence_warning", None)
+            return await check() if check is not None else None
+        finally:
+            await store.close()
+
+    warning = asyncio.run(probe())
+    if warning:
+        typer.echo(f"# warning: {warning}", err=True)
 
 
 def _show_cpu_dtype(cfg: Config) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +56,27 @@ def _closing(closers: list[Callable[[], Any]]) -> CleanupContext:
     return close_all
 
 
+def _warn_without_persistence(store: object) -> CleanupContext:
+    """Once the server runs: warn when the limiter's Redis keeps no copy of its data."""
+
+    async def check(app: web.Application) -> AsyncIterator[None]:
+        probe = getattr(store, "persistence_warning", None)
+        task = asyncio.create_task(_log_warning(probe)) if probe is not None else None
+        yield
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return check
+
+
+async def _log_warning(probe: Callable[[], Awaitable[str | None]]) -> None:
+    warning = await probe()
+    if warning:
+        log.warning("%s", warning)
+
+
 def build_components(config: Config, *, registry: CollectorRegistry | None = None) -> Components:
     install_redaction()
     closers: list[Callable[[], Any]] = []
@@ -74,6 +97,7 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
     _bind_metrics(metrics, app, engine, admission, config)
     admin = build_admin_app(app) if config.server.admin_port is not None else None
     app.cleanup_ctx.insert(0, _closing(closers))  # first in: cleaned up last, after the engine
+    app.cleanup_ctx.append(_warn_without_persistence(limiter.store))
     return Components(app=app, admin_app=admin)
 
 

@@ -70,6 +70,24 @@ class RedisStore:
     async def close(self) -> None:
         await self.client.close()
 
+    async def persistence_warning(self) -> str | None:
+        """What is at risk when the Redis server keeps no copy of its data (no RDB snapshots,
+        no AOF): a restart resets day and month quotas. None when it persists, or when it
+        cannot be told (CONFIG is often disabled on managed Redis)."""
+        try:
+            save, appendonly = await self.client.call_many(
+                [("CONFIG", "GET", "save"), ("CONFIG", "GET", "appendonly")]
+            )
+        except (RespFailure, OSError):
+            return None
+        if _config_value(save) or _config_value(appendonly) == "yes":
+            return None
+        return (
+            f"limits.store: the Redis server at {self.client.options.where} has no persistence "
+            "(no RDB `save`, `appendonly no`): a restart resets every day and month quota. "
+            "Set `appendonly yes` (or a `save` schedule) on it; see docs/limits.md."
+        )
+
     def key(self, principal_id: str, charge: WindowCharge) -> str:
         base = f"{self._prefix}{{{principal_id}}}:{charge.name}"
         return f"{base}:{charge.window_id}" if charge.kind == "fixed" else base
@@ -89,6 +107,14 @@ class RedisStore:
             return await self.client.evalsha(script, keys, args)
         except (RespFailure, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+def _config_value(reply: Any) -> str:
+    """The value of a CONFIG GET reply ([name, value]), as text ("" when absent)."""
+    if not isinstance(reply, list) or len(reply) < 2:
+        return ""
+    value = reply[1]
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _peek_command(key: str, charge: WindowCharge) -> tuple[str, ...]:
