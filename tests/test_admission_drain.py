@@ -33,7 +33,15 @@ def test_completions_older_than_the_window_are_forgotten():
     for i in range(1, 11):
         drain.record(float(i))
     assert drain.per_second(15.0) == pytest.approx(0.5)  # 11..15 hold 0, 6..10 hold 5
-    assert drain.per_second(20.0) is None
+    # an idle window keeps the last rate measured: an idle engine has not become slower
+    assert drain.per_second(60.0) == pytest.approx(0.5)
+
+
+def test_after_an_idle_spell_the_last_measured_rate_stands():
+    drain = DrainRate(start=0.0, window_seconds=10.0)
+    for i in range(1, 21):
+        drain.record(i * 0.5)  # 2 completions a second for 10 s
+    assert drain.seconds_for(6, 300.0) == pytest.approx(3.0)  # not unknown, five minutes on
 
 
 def test_window_must_be_positive():

@@ -131,6 +131,16 @@ async def test_retry_after_is_the_backlog_divided_by_the_measured_drain_rate(
     assert refused.value.headers["Retry-After"] == str(expected)
 
 
+async def test_before_any_completion_retry_after_comes_from_a_prior_not_the_max_wait(clock):
+    queue = make_queue(clock, max_concurrency=8, max_depth=0, max_wait_seconds=30.0)
+    for _ in range(8):
+        queue.enqueue()
+    with pytest.raises(ServiceUnavailable) as refused:
+        queue.enqueue()
+    # one slot must free up: 5 s per request over 8 slots, rounded up to 1 s, not 30
+    assert refused.value.headers["Retry-After"] == "1"
+
+
 async def test_retry_after_is_capped_by_max_wait_and_falls_back_to_it(clock):
     queue = make_queue(clock, max_concurrency=1, max_depth=1, max_wait_seconds=7.0)
     queue.enqueue()

@@ -2,8 +2,9 @@
 
 The rate is the number of slot releases in the last `window_seconds`, divided by the window
 (or by the time since the estimator was created, while that is shorter). Wait estimates and
-Retry-After are `requests ahead / rate`. With no completion in the window the rate is unknown
-(None) and callers fall back to their own bound.
+Retry-After are `requests ahead / rate`. After an idle spell (no completion in the window) the
+last rate measured stands: an idle engine has not become slower. Before any completion the
+rate is unknown (None) and callers use a prior.
 """
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ class DrainRate:
         self._start = start
         self._window = window_seconds
         self._completions: deque[float] = deque()
+        self._last_rate: float | None = None  # the rate when the window last held completions
 
     def record(self, now: float) -> None:
         self._completions.append(now)
         self._forget_before(now - self._window)
+        span = min(self._window, now - self._start)
+        if span > 0:
+            self._last_rate = len(self._completions) / span
 
     def per_second(self, now: float) -> float | None:
         self._forget_before(now - self._window)
         span = min(self._window, now - self._start)
         if not self._completions or span <= 0:
-            return None
-        return len(self._completions) / span
+            return self._last_rate
+        self._last_rate = len(self._completions) / span
+        return self._last_rate
 
     def seconds_for(self, count: int, now: float) -> float | None:
         """Expected time for `count` more completions; None while the rate is unknown."""

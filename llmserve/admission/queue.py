@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 Clock = Callable[[], float]
 
 
+# Before the queue has seen a request finish: how long one is assumed to hold its slot.
+PRIOR_REQUEST_SECONDS = 5.0
+
 class AdmissionQueue:
     def __init__(
         self,
@@ -106,8 +109,12 @@ class AdmissionQueue:
         return self._drain.per_second(self._clock())
 
     def retry_after(self, completions_needed: int) -> int:
-        """Retry-After (whole seconds, 1..max_wait) for `completions_needed` releases."""
+        """Retry-After (whole seconds, 1..max_wait) for `completions_needed` releases: from the
+        measured drain rate, or before any completion from a prior of PRIOR_REQUEST_SECONDS per
+        request and slot (never the queue's whole max wait just because nothing finished yet)."""
         estimate = self._drain.seconds_for(completions_needed, self._clock())
+        if estimate is None:
+            estimate = completions_needed * PRIOR_REQUEST_SECONDS / max(1, self.max_concurrency)
         return retry_after_seconds(estimate, self.max_wait_seconds)
 
     # -- the request path --------------------------------------------------------------------
