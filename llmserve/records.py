@@ -29,6 +29,7 @@ class RequestRecord:
     engine_seconds: float = 0.0  # time spent awaiting the engine (the rest is gateway overhead)
     inter_token_seconds: list[float] = field(default_factory=list)  # gaps between token chunks
     disconnected: bool = False  # the client went away before the end
+    delivered: bool = False  # the whole response (a stream's last event) was handed to the socket
     admitted: bool = False  # passed the rate limiter (and so is usage, for the ledger)
     metadata: dict[str, str] | None = None  # the request's OpenAI `metadata` (bounded)
 

@@ -165,6 +165,7 @@ async def _pump(reply: StreamReply, gate: RequestGate, sse: SSEStream) -> None:
             await sse.send(event.encode())
     gate.raise_refusal()
     await sse.drain()
+    sse.request[RECORD].delivered = True
 
 
 @contextlib.contextmanager

@@ -319,6 +319,7 @@ class Gateway:
             tail += encoder.usage(job.prompt.num_tokens, job.completion_tokens)
         await sse.send(pending + tail + objects.DONE)
         await sse.drain()
+        request[RECORD].delivered = True
 
     async def _deltas(self, request: web.Request, job: Job) -> AsyncGenerator[Delta, None]:
         """Engine deltas, with the timing and token accounting every response needs."""

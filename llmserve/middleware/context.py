@@ -65,7 +65,9 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await _handle(request, handler, lifecycle.draining)
         return response
     except (asyncio.CancelledError, ConnectionError):
-        record.disconnected = True
+        # what the client received decides: a stream that delivered its last event is a
+        # success even when the client closes while settlement is still on its way
+        record.disconnected = not record.delivered
         raise
     finally:
         lifecycle.leave(task)
@@ -95,7 +97,12 @@ def _finish(request: web.Request, record: RequestRecord,
     record.total_seconds = asyncio.get_running_loop().time() - request[STARTED]
     if record.principal_id is None and (principal := request.get(PRINCIPAL)) is not None:
         record.principal_id = principal.id
-    record.status = response.status if response is not None and not record.disconnected else 499
+    if record.disconnected:
+        record.status = 499
+    elif response is not None:
+        record.status = response.status
+    else:
+        record.status = 200 if record.delivered else 499
     metrics = request.app.get(METRICS)
     if metrics is not None:
         metrics.observe(record)
