@@ -20,6 +20,7 @@ from llmserve.config import Config
 from llmserve.server.app import ENGINE_START
 from llmserve.server.components import Components, build_components
 from llmserve.server.heap import collect_every, freeze_heap, tune_collector
+from llmserve.server.http import AppRunner
 
 log = logging.getLogger("llmserve.server")
 
@@ -31,7 +32,7 @@ async def serve(config: Config) -> int:
     components = build_components(config)
     if config.server.gc_collect_seconds > 0:
         components.app.cleanup_ctx.append(_collecting(config.server.gc_collect_seconds))
-    runner = web.AppRunner(
+    runner = AppRunner(
         components.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
     )
     await runner.setup()
@@ -85,7 +86,7 @@ async def _start_sites(
     for address in _addresses(runner):
         log.info("listening on http://%s:%s", *address[:2])
     if components.admin_app is not None and config.server.admin_port is not None:
-        admin_runner = web.AppRunner(components.admin_app, access_log=None)
+        admin_runner = AppRunner(components.admin_app, access_log=None)
         await admin_runner.setup()
         try:
             await web.TCPSite(admin_runner, "127.0.0.1", config.server.admin_port).start()
