@@ -85,6 +85,12 @@ class ServerConfig(Section):
     max_body_bytes: ByteSize = Field(
         ByteSize(4 * 1024 * 1024), gt=0, description="Largest request body accepted (413 above)."
     )
+    body_read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A request body must arrive within this long once its headers have "
+        "(408 after it); a client that declares a body and sends part of it holds nothing.",
+    )
     stall_timeout_seconds: float = Field(
         60.0,
         gt=0,

@@ -10,6 +10,7 @@ LLMServeError
     ├── PermissionDenied        403  model_not_allowed / admin_required
     ├── NotFound                404  model_not_found / not_found
     ├── MethodNotAllowed        405
+    ├── RequestTimeout          408  request_timeout (the body did not arrive in time)
     ├── PayloadTooLarge         413
     ├── UnsupportedMediaType    415
     ├── RateLimited             429  rate_limit_exceeded (+ Retry-After)
@@ -105,6 +106,12 @@ class MethodNotAllowed(APIError):
     status = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(APIError):
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLarge(APIError):

@@ -64,7 +64,7 @@ async def _delegated(request: web.Request, route: FrontendRoute) -> web.StreamRe
 # A refusal a caller caused before the limiter saw the request (a bad body, an unknown model, a
 # refused field) still costs it one request of its requests_per_minute: invalid requests are
 # not free. Refusals by the limiter itself (429) or the server's own 503s are not counted again.
-_CALLER_ERRORS = frozenset({400, 403, 404, 405, 413, 415, 422})
+_CALLER_ERRORS = frozenset({400, 403, 404, 405, 408, 413, 415, 422})
 
 
 async def _counting_refusals(
@@ -121,7 +121,10 @@ async def _begin(request: web.Request) -> tuple[Gateway, Principal]:
 
 
 async def _body(request: web.Request, gateway: Gateway) -> bytes:
-    return await read_json_body(request, int(gateway.config.server.max_body_bytes))
+    server = gateway.config.server
+    return await read_json_body(
+        request, int(server.max_body_bytes), server.body_read_timeout_seconds
+    )
 
 
 def _note_model(request: web.Request, model: str) -> None:

@@ -21,7 +21,10 @@ log = logging.getLogger("llmserve.errors")
 
 
 def error_response(exc: APIError) -> web.Response:
-    return json_response(exc.body(), status=exc.status, headers=exc.headers)
+    response = json_response(exc.body(), status=exc.status, headers=exc.headers)
+    if exc.headers.get("Connection") == "close":
+        response.force_close()  # the header alone does not make aiohttp close the connection
+    return response
 
 
 @web.middleware

@@ -30,6 +30,7 @@ ADMIN = Principal(id="admin-port", kind="anonymous", admin=True)
 
 ENGINE_START = web.AppKey("engine_start", asyncio.Task)
 MAX_HEADER_BYTES = 128 * 1024
+LINGER_SECONDS = 2.0
 
 
 def build_app(
@@ -53,7 +54,10 @@ def build_app(
         client_max_size=int(config.server.max_body_bytes),
         # aiohttp answers a header over its default 8 KiB itself, quoting its first bytes (which
         # may hold a key); a larger cap lets such a request reach auth and get a clean 401.
-        handler_args={"max_field_size": MAX_HEADER_BYTES},
+        # After an answer to a body it did not read whole (413, 408), aiohttp keeps reading
+        # ("lingering") so the client sees the answer, not a reset: 10 s by default, which
+        # would let a stalled client hold its connection far past body_read_timeout_seconds.
+        handler_args={"max_field_size": MAX_HEADER_BYTES, "lingering_time": LINGER_SECONDS},
     )
     app[CONFIG] = config
     app[GATEWAY] = Gateway(config, engine, limiter=limiter, admission=admission)
