@@ -321,6 +321,14 @@ class LimitsConfig(Section):
         Path(".llmserve/limits"), description="Where the memory store persists day/month usage."
     )
     default_tier: str = Field("default", description="Tier of principals that name none.")
+    hold_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        description="Redis store: a request's hold on its worst case is renewed by its server "
+        "every third of this; when the server dies (a crash, a SIGKILL) its holds' tokens are "
+        "refunded this long after their last renewal. Clocks of servers sharing a Redis must "
+        "agree to well within it.",
+    )
     tiers: dict[str, TierConfig] = Field(
         default_factory=lambda: {"default": TierConfig()}, description="Tiers by name."
     )

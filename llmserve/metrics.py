@@ -302,8 +302,14 @@ class Metrics:
         )
         self.settlements_lost = c(
             "llmserve_limiter_settlements_lost",
-            "Settlements not applied because the store was down: those holds stay charged "
-            "at their worst case until their window passes.",
+            "Settlements dropped for good (the backlog of those the store could not take was "
+            "full, or still held some at shutdown): usage then differs from the ledger.",
+            (),
+        )
+        self.settlements_deferred = c(
+            "llmserve_limiter_settlements_deferred",
+            "Settlements the store could not take at once (down, slow): kept and sent again "
+            "once it answers.",
             (),
         )
         self.queue_rejections = c(
@@ -474,6 +480,7 @@ class Metrics:
             self.unchecked.values[()] = float(stats.admitted_unchecked)
             self.unavailable.values[()] = float(stats.rejected_unavailable)
             self.settlements_lost.values[()] = float(stats.settlements_lost)
+            self.settlements_deferred.values[()] = float(stats.settlements_deferred)
 
     def _families(self, describe: bool) -> Iterator[Metric]:
         for counter in self._counters():
@@ -485,7 +492,8 @@ class Metrics:
     def _counters(self) -> tuple[LabelledCounter, ...]:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
                 self.rate_limited, self.disconnects, self.store_errors, self.unchecked,
-                self.unavailable, self.settlements_lost, self.queue_rejections)  # fmt: skip
+                self.unavailable, self.settlements_lost, self.settlements_deferred,
+                self.queue_rejections)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead, self.gc_pause)
@@ -504,6 +512,13 @@ class Metrics:
             value=self._start_time,
         )
         yield from _bound_gauges(self._gauges, describe)
+        if describe or self._limiter_stats is not None:
+            pending = self._limiter_stats.settlements_pending if self._limiter_stats else None
+            yield GaugeMetricFamily(
+                "llmserve_limiter_settlements_pending",
+                "Settlements waiting for the store to come back (sent in order once it does).",
+                value=float(pending) if pending is not None else None,
+            )
         yield from _gpu_gauges(self._gpu, describe)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 from pathlib import Path
 
@@ -37,23 +38,34 @@ async def test_day_and_month_usage_survive_a_restart(tmp_path: Path) -> None:
     await second.close()
 
 
-async def test_a_crash_loses_at_most_the_flush_interval(tmp_path: Path) -> None:
+async def test_a_crash_keeps_settled_usage_and_drops_the_holds_of_requests_in_flight(
+    tmp_path: Path,
+) -> None:
     limits = config(tmp_path)
     crashed = Limiter(limits, MemoryStore(tmp_path, flush_seconds=0), lambda: NOON)
-    await crashed.reserve("alice", None, {}, 100, 100)  # never closed: as if killed
+    done = await crashed.reserve("alice", None, {}, 100, 100)
+    await crashed.settle(done, 100, 40)
+    await crashed.reserve("alice", None, {}, 100, 700)  # in flight when the process dies
+    # never closed: as if killed
     survivor = Limiter(limits, MemoryStore(tmp_path), lambda: NOON)
-    # The minute bucket is not persisted: it would be empty a minute later anyway.
-    assert [w.used for w in await survivor.usage("alice", None, {})] == [0, 200, 200]
+    # The minute bucket is not persisted: it would be empty a minute later anyway. The day
+    # and month hold what the finished request used, as the usage ledger does, and nothing
+    # of the request that died with the process (it is not in the ledger either).
+    assert [w.used for w in await survivor.usage("alice", None, {})] == [0, 140, 140]
     await survivor.close()
 
 
 async def test_periodic_flush_writes_from_a_worker_thread(tmp_path: Path) -> None:
     limits = config(tmp_path)
     store = MemoryStore(tmp_path, flush_seconds=1e-9)
-    await Limiter(limits, store, lambda: NOON).reserve("alice", None, {}, 100, 100)
-    pending = store._writing
-    assert pending is not None  # handed to a thread: the event loop did not wait for it
-    await pending
+    limiter = Limiter(limits, store, lambda: NOON)
+    await limiter.settle(await limiter.reserve("alice", None, {}, 100, 100), 100, 100)
+    assert store._writing is not None  # handed to a thread: the event loop did not wait for it
+    for _ in range(200):  # the settlement's write follows the reservation's, in order
+        if not store._dirty and store._writing.done():
+            break
+        await asyncio.sleep(0.01)
+    await store._writing
     reader = MemoryStore(tmp_path)
     usage = await Limiter(limits, reader, lambda: NOON).usage("alice", None, {})
     assert [w.used for w in usage] == [0, 200, 200]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import ConfigError, RateLimited, ServiceUnavailable
 from llmserve.limits import Limiter, StoreUnavailable, store_from_url
-from llmserve.limits.stores.base import ReserveOutcome
+from llmserve.limits.stores.base import Hold, ReserveOutcome
 from llmserve.limits.stores.memory import MemoryStore
 from llmserve.limits.stores.redis import RedisStore
 from llmserve.limits.windows import WindowCharge
@@ -25,15 +26,20 @@ class FlakyStore:
         self.down = False
         self.calls = 0
 
-    async def reserve(
-        self, principal_id: str, charges: Sequence[WindowCharge], now: float
-    ) -> ReserveOutcome:
-        self._touch()
-        return await self.inner.reserve(principal_id, charges, now)
+    leases = False
 
-    async def adjust(self, principal_id: str, charges: Sequence[WindowCharge], now: float) -> None:
+    async def reserve(self, principal_id: str, hold: Hold) -> ReserveOutcome:
         self._touch()
-        await self.inner.adjust(principal_id, charges, now)
+        return await self.inner.reserve(principal_id, hold)
+
+    async def settle(
+        self, principal_id: str, hold: Hold, actual: Sequence[int], now: float
+    ) -> None:
+        self._touch()
+        await self.inner.settle(principal_id, hold, actual, now)
+
+    async def renew(self, holds: Sequence[tuple[str, str]], until: float) -> None:
+        self._touch()
 
     async def peek(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float
@@ -76,14 +82,23 @@ async def test_closed_policy_answers_503_with_retry_after() -> None:
     assert limits.stats.rejected_unavailable == 1 and limits.stats.store_errors == 1
 
 
-async def test_open_policy_admits_unchecked_and_counts_it() -> None:
-    limits, store, _ = limiter("open", tokens_per_minute=1000)
+async def test_open_policy_admits_unchecked_and_charges_the_real_cost_once_the_store_is_back(
+) -> None:
+    limits, store, clock = limiter("open", tokens_per_day=1000)
     store.down = True
     reservation = await limits.reserve("alice", None, {}, 10, 10)
-    assert reservation.charges == ()
-    await limits.settle(reservation, 10, 5)  # nothing held, nothing to send
+    assert not reservation.checked
+    await limits.settle(reservation, 10, 5)  # the store is still down: kept for later
     assert limits.stats.admitted_unchecked == 1
-    assert store.calls == 1
+    assert limits.stats.settlements_pending == 1 and limits.stats.settlements_lost == 0
+    store.down = False
+    clock.now += 1.0
+    [day] = await limits.usage("alice", None, {})  # a call that succeeds sends what waits
+    await asyncio.sleep(0)
+    [day] = await limits.usage("alice", None, {})
+    assert day.used == 15  # what the request used, not 0 and not its worst case
+    assert limits.stats.settlements_pending == 0
+    await limits.close()
 
 
 async def test_a_failed_store_is_left_alone_until_the_retry_time() -> None:
@@ -111,13 +126,43 @@ async def test_limits_are_enforced_again_once_the_store_is_back() -> None:
         await limits.reserve("alice", None, {}, 50, 50)
 
 
-async def test_a_settlement_during_an_outage_does_not_raise_and_is_counted() -> None:
-    limits, store, _ = limiter("closed", tokens_per_minute=1000)
+async def test_a_settlement_during_an_outage_is_kept_and_sent_once_the_store_is_back() -> None:
+    limits, store, clock = limiter("closed", tokens_per_day=1000)
     reservation = await limits.reserve("alice", None, {}, 10, 100)
     store.down = True
     await limits.settle(reservation, 10, 1)
-    assert limits.stats.settlements_lost == 1
     assert reservation.finished
+    assert limits.stats.settlements_deferred == 1 and limits.stats.settlements_pending == 1
+    store.down = False
+    clock.now += 1.0
+    await limits.reserve("bob", None, {}, 1, 1)  # the store answers: the backlog goes out
+    await asyncio.sleep(0)
+    [day] = await limits.usage("alice", None, {})
+    assert day.used == 11
+    assert limits.stats.settlements_pending == 0 and limits.stats.settlements_lost == 0
+    await limits.close()
+
+
+async def test_a_reservation_that_timed_out_is_cancelled_once_the_store_is_back() -> None:
+    """The store ran the reserve but its answer never came (Redis paused): the client got a
+    503, so the hold must not stay charged."""
+    limits, store, clock = limiter("closed", tokens_per_day=1000)
+    real_reserve = store.inner.reserve
+
+    async def reserve_then_fail(principal_id: str, hold: Hold) -> ReserveOutcome:
+        await real_reserve(principal_id, hold)  # it ran...
+        raise StoreUnavailable("timeout")  # ...and its reply was lost
+
+    store.inner.reserve = reserve_then_fail  # type: ignore[method-assign]
+    with pytest.raises(ServiceUnavailable):
+        await limits.reserve("alice", None, {}, 10, 500)
+    store.inner.reserve = real_reserve  # type: ignore[method-assign]
+    clock.now += 1.0
+    [day] = await limits.usage("alice", None, {})
+    await asyncio.sleep(0)
+    [day] = await limits.usage("alice", None, {})
+    assert day.used == 0, "a request refused with 503 stays charged"
+    await limits.close()
 
 
 async def test_usage_during_an_outage_is_an_error_whatever_the_policy() -> None:
@@ -127,11 +172,12 @@ async def test_usage_during_an_outage_is_an_error_whatever_the_policy() -> None:
         await limits.usage("alice", None, {})
 
 
-async def test_a_settlement_that_changes_nothing_costs_no_store_call() -> None:
-    limits, store, _ = limiter("closed", tokens_per_minute=1000)
-    reservation = await limits.reserve("alice", None, {}, 10, 100)
-    await limits.settle(reservation, 10, 100)
+async def test_a_request_that_holds_no_tokens_costs_one_store_call() -> None:
+    limits, store, _ = limiter("closed", requests_per_minute=10, tokens_per_minute=1000)
+    reservation = await limits.reserve("alice", None, {}, 0, 0)
+    await limits.settle(reservation, 0, 0)
     assert store.calls == 1
+    assert reservation.hold is not None and reservation.hold.id == ""
 
 
 def test_store_url_chooses_the_store(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from llmserve.clock import ManualClock
 from llmserve.config import LimitsConfig, TierConfig
 from llmserve.errors import RateLimited, ServiceUnavailable
 from llmserve.limits import Limiter, StoreUnavailable
+from llmserve.limits.stores.base import Hold
 from llmserve.limits.stores.redis import RedisStore
-from llmserve.limits.windows import charge_for, make_rule
+from llmserve.limits.windows import WindowRule, charge_for, make_rule
+from tests.support.redis_proxy import ReplyLosingProxy
 from tests.support.redis_server import RedisServer, start_or_skip
 
 pytestmark = pytest.mark.redis
@@ -44,9 +46,14 @@ def make_limiter(store: RedisStore, policy: str = "closed", **tier: int) -> Limi
     return Limiter(config, store, ManualClock(1_741_953_600.0))
 
 
+def untracked_hold(rule: WindowRule, cost: int) -> Hold:
+    """A reservation the store keeps no record of (it has no tokens to give back)."""
+    return Hold("", (charge_for(rule, cost, NOW),), NOW, NOW + 30, (rule.unit == "tokens",))
+
+
 def past_retry_time(limiter: Limiter) -> None:
     """Move the limiter's clock past the moment it tries a failed store again."""
-    limiter._clock.now += 1.0  # type: ignore[attr-defined]
+    limiter.clock.now += 1.0  # type: ignore[attr-defined]
 
 
 class CommandCounter:
@@ -68,49 +75,6 @@ class CommandCounter:
 
         monkeypatch.setattr(client, "call", counted_call)
         monkeypatch.setattr(client, "call_many", counted_call_many)
-
-
-class ReplyLosingProxy:
-    """A TCP proxy in front of Redis that can lose replies after Redis ran the command:
-    mode "drop" cuts the client's connection instead of passing a reply on, "hold" keeps
-    replies back (the client times out)."""
-
-    def __init__(self, redis_port: int) -> None:
-        self.redis_port = redis_port
-        self.mode = "pass"
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
-        self._writers += [writer, redis_writer]
-        await asyncio.gather(
-            self._forward(reader, redis_writer, requests=True),
-            self._forward(redis_reader, writer, requests=False),
-            return_exceptions=True,
-        )
-
-    async def _forward(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, requests: bool
-    ) -> None:
-        while data := await source.read(65536):
-            if requests or self.mode == "pass":
-                sink.write(data)
-            elif self.mode == "drop":
-                break
-        sink.transport.abort()
 
 
 async def test_reserve_and_settle_are_one_round_trip_each(
@@ -146,15 +110,19 @@ async def test_closed_policy_refuses_while_redis_is_down_then_recovers(
     assert refused.code == "limiter_unavailable"
     assert refused.headers["Retry-After"] == "1"
     await limiter.settle(held, 100, 10)  # must not raise mid-outage
-    assert limiter.stats.settlements_lost == 1
+    assert limiter.stats.settlements_pending == 1  # kept, to send once Redis is back
 
     redis_server.start()  # same port, empty (no persistence), same client and limiter
     past_retry_time(limiter)
-    for _ in range(5):
+    # The first call that succeeds sends the kept settlement: Redis lost the hold, so the
+    # request is charged what it used (110), which leaves room for four more, not five.
+    for _ in range(4):
         await limiter.reserve("alice", None, {}, 100, 100)
     with pytest.raises(RateLimited):
         await limiter.reserve("alice", None, {}, 100, 100)
     assert limiter.stats.rejected_unavailable == 20
+    assert limiter.stats.settlements_pending == 0 and limiter.stats.settlements_lost == 0
+    await limiter.close()
 
 
 async def test_open_policy_admits_while_redis_is_down_then_enforces_again(
@@ -163,7 +131,7 @@ async def test_open_policy_admits_while_redis_is_down_then_enforces_again(
     limiter = make_limiter(store, "open", requests_per_minute=2)
     redis_server.stop()
     for _ in range(4):
-        assert (await limiter.reserve("alice", None, {}, 1, 1)).charges == ()
+        assert not (await limiter.reserve("alice", None, {}, 1, 1)).checked
     assert limiter.stats.admitted_unchecked == 4
 
     redis_server.start()
@@ -178,12 +146,12 @@ async def test_open_policy_admits_while_redis_is_down_then_enforces_again(
 async def test_a_restart_between_calls_costs_no_error_and_reloads_the_script_in_one_write(
     redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    minute = [charge_for(make_rule("requests_per_minute", 10), 1, NOW)]
-    await store.reserve("alice", minute, NOW)
+    minute = untracked_hold(make_rule("requests_per_minute", 10), 1)
+    await store.reserve("alice", minute)
     redis_server.stop()
     redis_server.start()  # empty: no data, no scripts
     counter = CommandCounter(store, monkeypatch)
-    assert (await store.reserve("alice", minute, NOW)).used == (0.0,)
+    assert (await store.reserve("alice", minute)).used == (0.0,)
     assert counter.round_trips == [["EVALSHA"], ["SCRIPT", "EVALSHA"]]  # NOSCRIPT, then load
 
 
@@ -194,14 +162,15 @@ async def test_a_reserve_whose_reply_is_lost_is_never_run_again(
     proxy = ReplyLosingProxy(redis_server.port)
     await proxy.start()
     store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0?socket_timeout=0.2")
-    minute = [charge_for(make_rule("requests_per_minute", 10), 1, NOW)]
+    minute = untracked_hold(make_rule("requests_per_minute", 10), 1)
     try:
-        await store.reserve("alice", minute, NOW)
+        await store.reserve("alice", minute)
         proxy.mode = mode
         with pytest.raises(StoreUnavailable, match=error):
-            await store.reserve("alice", minute, NOW)  # Redis ran it; the reply is lost
+            await store.reserve("alice", minute)  # Redis ran it; the reply is lost
         proxy.mode = "pass"
-        assert await store.peek("alice", minute, NOW) == (2.0,)  # twice in all, not three times
+        # twice in all, not three times
+        assert await store.peek("alice", minute.charges, NOW) == (2.0,)
     finally:
         await store.close()
         await proxy.close()

@@ -18,14 +18,19 @@ class SlowReplyStore:
         self.inner, self.reply_seconds = inner, reply_seconds
         self.reserved = asyncio.Event()
 
-    async def reserve(self, principal_id, charges, now):
-        outcome = await self.inner.reserve(principal_id, charges, now)  # applied "in Redis"
+    leases = False
+
+    async def reserve(self, principal_id, hold):
+        outcome = await self.inner.reserve(principal_id, hold)  # applied "in Redis"
         self.reserved.set()
         await asyncio.sleep(self.reply_seconds)  # the reply on its way back
         return outcome
 
-    async def adjust(self, principal_id, charges, now):
-        await self.inner.adjust(principal_id, charges, now)
+    async def settle(self, principal_id, hold, actual, now):
+        await self.inner.settle(principal_id, hold, actual, now)
+
+    async def renew(self, holds, until):
+        return None
 
     async def peek(self, principal_id, charges, now):
         return await self.inner.peek(principal_id, charges, now)

@@ -134,7 +134,7 @@ async def test_reservation_is_all_or_nothing_across_windows(
     new_store: StoreFactory, clock: ManualClock
 ) -> None:
     limiter = limiter_for(new_store, clock, tokens_per_minute=1000, tokens_per_day=1500)
-    await limiter.reserve("alice", None, {}, 500, 500)
+    await limiter.settle(await limiter.reserve("alice", None, {}, 500, 500), 500, 500)
     clock.advance(60)  # the minute bucket is empty again; the day holds 1000
     with pytest.raises(RateLimited) as denied:
         await limiter.reserve("alice", None, {}, 300, 300)
@@ -147,11 +147,34 @@ async def test_reservation_is_all_or_nothing_across_windows(
     assert usage == {"tokens_per_minute": 0, "tokens_per_day": 1000}  # minute not charged
 
 
+async def test_a_day_full_of_holds_in_flight_says_retry_in_a_second_not_at_midnight(
+    new_store: StoreFactory, clock: ManualClock
+) -> None:
+    limiter = limiter_for(new_store, clock, tokens_per_day=1500)
+    settled = await limiter.reserve("alice", None, {}, 100, 400)
+    await limiter.settle(settled, 100, 400)  # 500 used for good
+    in_flight = await limiter.reserve("alice", None, {}, 100, 900)  # holds 1000 for now
+    with pytest.raises(RateLimited) as denied:
+        await limiter.reserve("alice", None, {}, 100, 100)
+    # the worst case of the request in flight fills the day; most of it comes back when it
+    # ends, so the caller is told to retry in a second, not at midnight
+    assert denied.value.headers["Retry-After"] == "1"
+    assert "1000 of the tokens per day used are held by requests still in flight" in (
+        denied.value.message
+    )
+    await limiter.settle(in_flight, 100, 20)
+    await limiter.reserve("alice", None, {}, 100, 100)  # the retry fits
+    with pytest.raises(RateLimited) as full:
+        await limiter.reserve("alice", None, {}, 100, 900)  # 1420 + 1000: only midnight helps
+    assert full.value.headers["Retry-After"] == str(12 * 3600)
+
+
 async def test_day_window_resets_at_utc_midnight(new_store: StoreFactory) -> None:
     clock = ManualClock(float(calendar.timegm((2025, 3, 14, 23, 59, 0))))
     limiter = limiter_for(new_store, clock, tokens_per_day=1000)
     admitted = await limiter.reserve("alice", None, {}, 400, 600)
     assert admitted.headers["x-ratelimit-reset-tokens"] == "1m0s"
+    await limiter.settle(admitted, 400, 600)
     with pytest.raises(RateLimited) as denied:
         await limiter.reserve("alice", None, {}, 1, 0)
     assert denied.value.headers["Retry-After"] == "60"
@@ -168,6 +191,7 @@ async def test_month_window_resets_on_the_first_at_utc_midnight(new_store: Store
     limiter = limiter_for(new_store, clock, tokens_per_month=5000)
     admitted = await limiter.reserve("alice", None, {}, 2000, 3000)
     assert admitted.headers["x-ratelimit-reset-tokens"] == "1h0m0s"
+    await limiter.settle(admitted, 2000, 3000)
     with pytest.raises(RateLimited) as denied:
         await limiter.reserve("alice", None, {}, 10, 0)
     assert denied.value.headers["Retry-After"] == "3600"

@@ -7,7 +7,12 @@ from collections.abc import Sequence
 
 from llmserve.errors import RateLimited, retry_after_header
 from llmserve.limits.headers import format_duration, rate_limit_headers
-from llmserve.limits.windows import RULE_SHAPES, WindowCharge, retry_after, status
+from llmserve.limits.windows import RULE_SHAPES, WindowCharge, fits, retry_after, status
+
+# When requests in flight hold enough of a day or month window that their settlement could
+# admit a refused request, its Retry-After says this instead of the window's end: holds are
+# worst cases, and most give tokens back within seconds when their requests finish.
+SETTLEMENT_RETRY_SECONDS = 1.0
 
 
 def never_fits(charge: WindowCharge) -> RateLimited:
@@ -24,23 +29,42 @@ def never_fits(charge: WindowCharge) -> RateLimited:
 
 
 def limit_reached(
-    charges: Sequence[WindowCharge], used: Sequence[float], now: float
+    charges: Sequence[WindowCharge],
+    used: Sequence[float],
+    now: float,
+    held: Sequence[float] = (),
 ) -> RateLimited:
-    """Name the window the caller waits longest for: the request fits once that one admits it."""
+    """Name the window the caller waits longest for: the request fits once that one admits it.
+
+    `held`: per window, the part of `used` that requests in flight hold; a window that would
+    admit the request were they settled says SETTLEMENT_RETRY_SECONDS, not its end."""
+    held = tuple(held) or (0.0,) * len(charges)
     waits = [
-        (wait, charge, u)
-        for charge, u in zip(charges, used, strict=True)
-        if (wait := retry_after(charge, u, now))  # None never happens here; 0 means it fits
+        (_wait(charge, u, h, now), charge, u, h)
+        for charge, u, h in zip(charges, used, held, strict=True)
+        if retry_after(charge, u, now)  # None never happens here; 0 means it fits
     ]
-    wait, charge, u = max(waits, key=lambda item: item[0])
+    wait, charge, u, h = max(waits, key=lambda item: item[0])
     label = RULE_SHAPES[charge.name][0]
     message = (
         f"Rate limit reached on {label}: limit {charge.limit}, used {math.ceil(u - 1e-9)}, "
         f"requested {charge.cost}. Please try again in {format_duration(wait)}."
     )
+    if wait == SETTLEMENT_RETRY_SECONDS and h > 0:
+        message += (
+            f" {math.ceil(h - 1e-9)} of the {label} used are held by requests still in "
+            "flight and come back in part when they finish."
+        )
     statuses = [status(c, u, now) for c, u in zip(charges, used, strict=True)]
     headers = rate_limit_headers(statuses, refused_by=charge.name)
     headers.update(retry_after_header(wait))
     error = RateLimited(message, headers=headers)
     error.limit = charge.name
     return error
+
+
+def _wait(charge: WindowCharge, used: float, held: float, now: float) -> float:
+    wait = retry_after(charge, used, now) or 0.0
+    if held > 0 and fits(used - held, charge.cost, charge.limit):
+        return min(wait, SETTLEMENT_RETRY_SECONDS)
+    return wait

@@ -12,9 +12,7 @@ token window; settling replaces that with `prompt + weight * completion` (rounde
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,9 +23,10 @@ from llmserve.limits.blocks import RequestBlocks
 from llmserve.limits.breaker import StoreBreaker
 from llmserve.limits.denials import limit_reached, never_fits
 from llmserve.limits.headers import rate_limit_headers
-from llmserve.limits.stores.base import ReserveOutcome, Store, StoreUnavailable
+from llmserve.limits.holds import HoldKeeper
+from llmserve.limits.stores.base import Hold, ReserveOutcome, Store, StoreUnavailable
 from llmserve.limits.tiers import TierPlan, plan_tier
-from llmserve.limits.windows import WindowCharge, WindowStatus, can_ever_fit, charge_for, status
+from llmserve.limits.windows import WindowStatus, can_ever_fit, charge_for, status
 
 log = logging.getLogger("llmserve.limits")
 
@@ -42,7 +41,9 @@ class LimiterStats:
     store_errors: int = 0  # failed store calls (reserve, settle or usage)
     admitted_unchecked: int = 0  # admitted without a check: store down, on_store_error=open
     rejected_unavailable: int = 0  # 503 limiter_unavailable: store down, on_store_error=closed
-    settlements_lost: int = 0  # settlements not applied because the store was down
+    settlements_lost: int = 0  # settlements dropped for good (backlog full, or shut down)
+    settlements_deferred: int = 0  # settlements kept to send again once the store is back
+    settlements_pending: int = 0  # of those, not sent yet (a gauge)
 
 
 @dataclass(eq=False, slots=True)
@@ -51,11 +52,11 @@ class Reservation:
 
     principal_id: str
     plan: TierPlan
-    charges: tuple[WindowCharge, ...]  # empty: nothing held (no limits, or unchecked)
+    hold: Hold | None  # None: nothing held (the tier has no limits)
     token_cost: int  # tokens held in each token window
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
+    checked: bool = True  # False: admitted without the store (down, on_store_error=open)
     finished: bool = False
-    reserved_at: float = 0.0  # the limiter clock when the hold was taken
 
     def _claim(self) -> bool:
         """True the first time only: settling twice must not refund twice."""
@@ -70,8 +71,8 @@ class Settlement:
     """The store update that settles one reservation (Limiter.settlement, then .apply)."""
 
     principal_id: str
-    corrections: tuple[WindowCharge, ...]
-    now: float
+    hold: Hold
+    actual: tuple[int, ...]  # per window: what the request really cost
 
 
 class Limiter:
@@ -86,10 +87,11 @@ class Limiter:
         self.config = config
         self.store = store
         self.stats = LimiterStats()
-        self._clock = clock
-        self._breaker = StoreBreaker(clock, store_retry_seconds)
+        self.clock = clock
+        self.breaker = StoreBreaker(clock, store_retry_seconds)
         self._plans: dict[tuple[str | None, frozenset[tuple[str, int]]], TierPlan] = {}
         self.blocks = RequestBlocks()
+        self.holds = HoldKeeper(self, config.hold_lease_seconds)
 
     @property
     def never_suspends(self) -> bool:
@@ -111,7 +113,7 @@ class Limiter:
         """Raise RateLimited (429) at once if this caller's requests_per_minute is still spent
         since a refusal: before its request is even read (blocks.py)."""
         if len(self.blocks):
-            self.blocks.check(principal_id, self.plan(tier_name, overrides), self._clock())
+            self.blocks.check(principal_id, self.plan(tier_name, overrides), self.clock())
 
     async def reserve(
         self,
@@ -126,29 +128,30 @@ class Limiter:
         plan = self.plan(tier_name, overrides)
         cost = plan.token_cost(prompt_tokens, max_tokens)
         if not plan.rules:
-            return Reservation(principal_id, plan, (), cost)
-        now = self._clock()
+            return Reservation(principal_id, plan, None, cost)
+        now = self.clock()
         charges = tuple(
             charge_for(rule, 1 if rule.unit == "requests" else cost, now) for rule in plan.rules
         )
         for charge in charges:
             if not can_ever_fit(charge):
                 raise never_fits(charge)
-        outcome = await self._store_reserve(principal_id, charges, now)
+        hold = self.holds.new(charges, plan, now)
+        outcome = await self._store_reserve(principal_id, hold)
         if outcome is None:
-            return Reservation(principal_id, plan, (), cost)
+            return Reservation(principal_id, plan, hold, cost, checked=False)
         if not outcome.admitted:
             self.blocks.note_refusal(principal_id, plan, charges, outcome.used, now)
-            raise limit_reached(charges, outcome.used, now)
+            raise limit_reached(charges, outcome.used, now, outcome.held)
+        self.holds.track(principal_id, hold)
         after = [status(c, u + c.cost, now) for c, u in zip(charges, outcome.used, strict=True)]
-        headers = rate_limit_headers(after)
-        return Reservation(principal_id, plan, charges, cost, headers, reserved_at=now)
+        return Reservation(principal_id, plan, hold, cost, rate_limit_headers(after))
 
     async def settle(
         self, reservation: Reservation, prompt_tokens: int, completion_tokens: int
     ) -> None:
         """Replace the hold by the real cost. Idempotent; never raises for a store failure
-        (the hold then stays charged: the error is on the caller's side of the limit)."""
+        (the settlement is then sent again once the store is back)."""
         settlement = self.settlement(reservation, prompt_tokens, completion_tokens)
         if settlement is not None:
             await self.apply(settlement)
@@ -157,35 +160,32 @@ class Limiter:
         self, reservation: Reservation, prompt_tokens: int, completion_tokens: int
     ) -> Settlement | None:
         """settle's first half, without I/O: claim the reservation and work out the store
-        update, or None when there is none to make (often: a request that used what it held)."""
-        if not reservation._claim():
+        update, or None when there is none to make."""
+        hold = reservation.hold
+        if not reservation._claim() or hold is None:
             return None
-        delta = reservation.plan.token_cost(prompt_tokens, completion_tokens)
-        delta -= reservation.token_cost
-        if delta == 0:
-            return None
-        now = self._clock()
-        corrections = tuple(
-            dataclasses.replace(c, cost=cost)
-            for c in reservation.charges
-            if c.name != "requests_per_minute"  # a request counts once, whatever happened
-            and (cost := _correction(c, delta, now - reservation.reserved_at))
-        )
-        return Settlement(reservation.principal_id, corrections, now) if corrections else None
+        tokens = reservation.plan.token_cost(prompt_tokens, completion_tokens)
+        actual = _actual(hold, tokens)
+        if not hold.id and all(a == c.cost for a, c in zip(actual, hold.charges, strict=True)):
+            return None  # nothing kept in the store and nothing to change: no round trip
+        return Settlement(reservation.principal_id, hold, actual)
 
     async def apply(self, settlement: Settlement) -> None:
-        """settle's second half: send the update to the store (never raises for its failure)."""
-        if not self._breaker.allows_call():
-            self.stats.settlements_lost += 1
+        """settle's second half: send the update to the store. Never raises for its failure:
+        the settlement is kept and sent again once the store answers (exactly once, by the
+        hold's id)."""
+        self.holds.untrack(settlement.hold.id)
+        if not self.breaker.allows_call():
+            self.holds.defer(settlement)
             return
         try:
-            await self.store.adjust(settlement.principal_id, settlement.corrections,
-                                    settlement.now)  # fmt: skip
+            await self.store.settle(settlement.principal_id, settlement.hold,
+                                    settlement.actual, self.clock())  # fmt: skip
         except StoreUnavailable as exc:
-            self.stats.settlements_lost += 1
-            self._store_failed("settle", exc)
+            self.holds.defer(settlement)
+            self.store_failed("settle", exc)
         else:
-            self._store_ok()
+            self.store_ok()
 
     async def release(self, reservation: Reservation) -> None:
         """Refund every token of a request that never reached the engine (e.g. queue timeout).
@@ -202,30 +202,33 @@ class Limiter:
         plan = self.plan(tier_name, overrides)
         if not plan.rules:
             return []
-        now = self._clock()
+        now = self.clock()
         charges = [charge_for(rule, 0, now) for rule in plan.rules]
         try:
             used = await self.store.peek(principal_id, charges, now)
         except StoreUnavailable as exc:
-            self._store_failed("usage", exc)
+            self.store_failed("usage", exc)
             raise self._unavailable() from None
-        self._store_ok()
+        self.store_ok()
         return [status(c, u, now) for c, u in zip(charges, used, strict=True)]
 
     async def close(self) -> None:
+        await self.holds.close()
         await self.store.close()
 
-    async def _store_reserve(
-        self, principal_id: str, charges: tuple[WindowCharge, ...], now: float
-    ) -> ReserveOutcome | None:
+    async def _store_reserve(self, principal_id: str, hold: Hold) -> ReserveOutcome | None:
         """The store's answer, or None to admit unchecked (store down, policy open)."""
-        if self._breaker.allows_call():
+        if self.breaker.allows_call():
             try:
-                outcome = await self.store.reserve(principal_id, charges, now)
+                outcome = await self.store.reserve(principal_id, hold)
             except StoreUnavailable as exc:
-                self._store_failed("reserve", exc)
+                self.store_failed("reserve", exc)
+                if exc.maybe_applied and self.config.on_store_error == "closed":
+                    # The script may have run (its reply lost, or Redis paused): cancel the
+                    # hold once the store is back, so a refused request is never charged.
+                    self.holds.defer(Settlement(principal_id, hold, (0,) * len(hold.charges)))
             else:
-                self._store_ok()
+                self.store_ok()
                 return outcome
         if self.config.on_store_error == "open":
             self.stats.admitted_unchecked += 1
@@ -238,12 +241,12 @@ class Limiter:
         return ServiceUnavailable(
             "The rate limiter is temporarily unavailable; please retry shortly.",
             code="limiter_unavailable",
-            headers=retry_after_header(self._breaker.retry_in()),
+            headers=retry_after_header(self.breaker.retry_in()),
         )
 
-    def _store_failed(self, operation: str, exc: StoreUnavailable) -> None:
+    def store_failed(self, operation: str, exc: StoreUnavailable) -> None:
         self.stats.store_errors += 1
-        if self._breaker.record_failure():
+        if self.breaker.record_failure():
             log.error(
                 "limiter store failed during %s (%s); on_store_error=%s until it is back",
                 operation,
@@ -251,17 +254,16 @@ class Limiter:
                 self.config.on_store_error,
             )
 
-    def _store_ok(self) -> None:
-        if self._breaker.record_success():
+    def store_ok(self) -> None:
+        if self.breaker.record_success():
             log.warning("limiter store is reachable again; limits are enforced")
+        self.holds.store_answered()
 
 
-def _correction(charge: WindowCharge, delta: int, elapsed: float) -> int:
-    """What settlement changes in one window. A refilling bucket pools every request's tokens
-    and drains them together: a refund may only take back what can still be in the bucket from
-    this reservation (its cost minus what has drained since), or it would erase tokens charged
-    to newer requests. Fixed windows get the whole difference."""
-    if charge.kind != "bucket" or delta >= 0:
-        return delta
-    still_held = max(0.0, charge.cost - max(0.0, elapsed) * charge.rate)
-    return -math.floor(min(-delta, still_held))
+def _actual(hold: Hold, tokens: int) -> tuple[int, ...]:
+    """What a request really cost in each window: `tokens` in token windows; a request counts
+    once in requests_per_minute, whatever happened."""
+    return tuple(
+        tokens if counts_tokens else charge.cost
+        for charge, counts_tokens in zip(hold.charges, hold.token_windows, strict=True)
+    )

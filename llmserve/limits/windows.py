@@ -138,3 +138,19 @@ def status(charge: WindowCharge, used: float, now: float) -> WindowStatus:
 def bucket_drain_seconds(used: float, rate: float) -> float:
     """How long a bucket's state must be kept: after that it is empty and may be forgotten."""
     return used / rate if rate > 0 else 0.0
+
+
+def settle_delta(charge: WindowCharge, actual: int, held_for: float) -> int:
+    """What settling a hold changes in one window: the real cost `actual` replaces the
+    `charge.cost` held `held_for` seconds ago.
+
+    A refilling bucket pools every request's units and drains them together: a refund may only
+    take back what can still be in the bucket from this hold (its cost minus what has drained
+    since), or it would erase units charged to newer requests. Fixed windows get the whole
+    difference. The Lua scripts (stores/common.lua) mirror this.
+    """
+    delta = actual - charge.cost
+    if charge.kind != "bucket" or delta >= 0:
+        return delta
+    still_held = max(0.0, charge.cost - max(0.0, held_for) * charge.rate)
+    return -math.floor(min(-delta, still_held))

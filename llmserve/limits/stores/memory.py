@@ -5,9 +5,13 @@ reading and writing. Per process: two servers with memory stores each admit a fu
 
 State per (principal, window): a bucket is (used, last update), a fixed window is
 (window id, used). Only fixed windows are persisted (a minute bucket is empty again a minute
-after a restart). Changed ones are written at most every `flush_seconds`, by a worker thread
-so the event loop never waits for the disk (a thousand active keys take tens of ms to
-write), and on close: a crash loses at most the last `flush_seconds` of day/month usage.
+after a restart), and without the part in-flight holds account for: the holds of a process
+end with it, so after a crash or a SIGKILL the restarted server reads exactly the settled
+usage (what the usage ledger recorded), never the worst case of requests that died.
+
+Changed windows are written at most every `flush_seconds`, by a worker thread so the event
+loop never waits for the disk (a thousand active keys take tens of ms to write), and on
+close: a crash loses at most the last `flush_seconds` of day/month usage.
 `flush_seconds=0` writes synchronously on every change.
 """
 
@@ -21,8 +25,8 @@ from pathlib import Path
 
 import diskcache
 
-from llmserve.limits.stores.base import ReserveOutcome
-from llmserve.limits.windows import WindowCharge, fits, refill
+from llmserve.limits.stores.base import Hold, ReserveOutcome
+from llmserve.limits.windows import WindowCharge, fits, refill, settle_delta
 
 log = logging.getLogger("llmserve.limits")
 
@@ -34,9 +38,10 @@ _EXPIRY_MARGIN_SECONDS = 60.0
 
 
 class MemoryStore:
-    # reserve and adjust complete without yielding to the event loop: a caller need not shield
+    # reserve and settle complete without yielding to the event loop: a caller need not shield
     # them from cancellation (nothing can interrupt them half way)
     never_suspends = True
+    leases = False  # holds live in this process and end with it
 
     def __init__(self, state_dir: Path | None = None, flush_seconds: float = 1.0) -> None:
         self._state: dict[_Key, _State | None] = {}
@@ -53,19 +58,25 @@ class MemoryStore:
         self._timer: asyncio.TimerHandle | None = None
         self._expires: dict[_Key, float] = {}  # limiter clock after which a state is void
         self._sweep_at = _MIN_SWEEP_SIZE
+        self._holds: set[str] = set()  # ids of holds not settled yet
+        self._held: dict[_Key, tuple[float, float]] = {}  # fixed windows: (window id, held)
 
-    async def reserve(
-        self, principal_id: str, charges: Sequence[WindowCharge], now: float
-    ) -> ReserveOutcome:
+    async def reserve(self, principal_id: str, hold: Hold) -> ReserveOutcome:
+        charges, now = hold.charges, hold.reserved_at
         used = tuple(self._used(principal_id, c, now) for c in charges)
+        held = tuple(self._held_in(principal_id, c) for c in charges)
         admitted = all(fits(u, c.cost, c.limit) for u, c in zip(used, charges, strict=True))
         if admitted:
+            if hold.id:
+                self._holds.add(hold.id)
             for u, c in zip(used, charges, strict=True):
+                if hold.id:
+                    self._hold(principal_id, c, c.cost, now)
                 self._write(principal_id, c, u + c.cost, now)
             self._maybe_flush()
         if len(self._state) >= self._sweep_at:
             self._sweep(now)
-        return ReserveOutcome(admitted, used)
+        return ReserveOutcome(admitted, used, held)
 
     def _sweep(self, now: float) -> None:
         """Forget windows that are over (drained buckets, past days and months), so memory
@@ -80,16 +91,54 @@ class MemoryStore:
             self._expires.pop(key, None)
         self._sweep_at = max(_MIN_SWEEP_SIZE, 2 * len(self._state))
 
-    async def adjust(self, principal_id: str, charges: Sequence[WindowCharge], now: float) -> None:
-        for charge in charges:
-            state = self._read(principal_id, charge)
-            if charge.kind == "fixed" and (state is None or state[0] != charge.window_id):
-                continue  # the reserved window is over: nothing left to correct
-            if charge.kind == "bucket" and state is None and charge.cost <= 0:
-                continue  # already drained: a refund changes nothing
-            used = self._used(principal_id, charge, now)
-            self._write(principal_id, charge, max(0.0, used + charge.cost), now)
+    async def settle(
+        self, principal_id: str, hold: Hold, actual: Sequence[int], now: float
+    ) -> None:
+        present = not hold.id or hold.id in self._holds
+        self._holds.discard(hold.id)
+        for charge, cost in zip(hold.charges, actual, strict=True):
+            if present and hold.id:
+                self._hold(principal_id, charge, -charge.cost, now)
+            delta = settle_delta(charge, cost, now - hold.reserved_at) if present else cost
+            if delta:
+                self._add(principal_id, charge, delta, now)
         self._maybe_flush()
+
+    async def renew(self, holds: Sequence[tuple[str, str]], until: float) -> None:
+        return None  # holds end with this process: there is no lease to renew
+
+    def _add(self, principal_id: str, charge: WindowCharge, delta: int, now: float) -> None:
+        state = self._read(principal_id, charge)
+        if charge.kind == "fixed" and state is not None and state[0] != charge.window_id:
+            return  # the reserved window is over: nothing left to correct
+        if state is None and delta <= 0:
+            return  # nothing there (drained, or a window never charged): a refund changes nothing
+        used = self._used(principal_id, charge, now)
+        self._write(principal_id, charge, max(0.0, used + delta), now)
+
+    def _hold(self, principal_id: str, charge: WindowCharge, units: int, now: float) -> None:
+        """Count units in flight in a fixed window (kept out of what is persisted)."""
+        if charge.kind != "fixed":
+            return
+        key = (principal_id, charge.name)
+        window, held = self._held.get(key, (charge.window_id, 0.0))
+        if window != charge.window_id:
+            if units < 0:
+                return  # a hold of a window that is over: nothing of it is counted any more
+            held = 0.0  # a new day or month: the old window's holds are not in it
+        held = max(0.0, held + units)
+        if held:
+            self._held[key] = (charge.window_id, held)
+        else:
+            self._held.pop(key, None)
+        if self._state.get(key) is not None and self._disk is not None:
+            self._dirty[key] = max(0.0, charge.window_end - now) + _EXPIRY_MARGIN_SECONDS
+
+    def _held_in(self, principal_id: str, charge: WindowCharge) -> float:
+        if charge.kind != "fixed":
+            return 0.0
+        window, held = self._held.get((principal_id, charge.name), (None, 0.0))
+        return held if window == charge.window_id else 0.0
 
     async def peek(
         self, principal_id: str, charges: Sequence[WindowCharge], now: float
@@ -134,10 +183,18 @@ class MemoryStore:
         self._maybe_flush()
 
     def _take_dirty(self) -> _Batch:
-        batch = {key: (self._state[key], keep) for key, keep in self._dirty.items()}
+        batch = {key: (self._settled(key), keep) for key, keep in self._dirty.items()}
         self._dirty = {}
         self._last_flush = time.monotonic()
-        return batch  # type: ignore[return-value]  # dirty keys always have a state
+        return batch
+
+    def _settled(self, key: _Key) -> _State:
+        """A fixed window's state without what holds in flight account for: what a restarted
+        process must find (those holds die with this one)."""
+        state = self._state[key]
+        assert state is not None  # dirty keys always have a state
+        window, held = self._held.get(key, (None, 0.0))
+        return (state[0], max(0.0, state[1] - held)) if window == state[0] else state
 
     def _write_batch(self, batch: _Batch) -> None:
         if self._disk is None or not batch:

@@ -14,10 +14,11 @@ connection loses no throughput, and a call costs a fraction of a pooled client's
 RespFailure
 ├── RespError            the server answered with an error reply (`ERR ...`, `NOSCRIPT ...`)
 └── RespConnectionError  no reply: could not connect, the connection was lost, or no reply
-                         came within socket_timeout (then the connection is dropped, since
-                         later replies could no longer be matched). A command already written
-                         may or may not have run, so it is never sent again; the next call
-                         reconnects.
+    │                    came within socket_timeout (then the connection is dropped, since
+    │                    later replies could no longer be matched). A command already written
+    │                    may or may not have run, so it is never sent again; the next call
+    │                    reconnects.
+    └── RespNotSent      no connection: the command was never written (it did not run).
 
 Replies: simple string -> str, integer -> int, bulk string -> bytes (nil: None), array ->
 list (nil: None), nested; an error inside an array is a RespError in the list.
@@ -59,6 +60,11 @@ class RespError(RespFailure):
 
 class RespConnectionError(RespFailure):
     """No reply (connect failed, connection lost, or timeout): the outcome is unknown."""
+
+
+class RespNotSent(RespConnectionError):
+    """No connection (it could not be made, or the client is closed): the command was never
+    written, so it certainly did not run."""
 
 
 # --- URL --------------------------------------------------------------------------------
@@ -465,7 +471,7 @@ class RespClient:
 
     async def _connected(self) -> _Connection:
         if self._closed:
-            raise RespConnectionError(f"redis at {self.options.where}: client closed")
+            raise RespNotSent(f"redis at {self.options.where}: client closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
             self._connecting.add_done_callback(self._connect_done)
@@ -475,7 +481,7 @@ class RespClient:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
             if attempt.cancelled() and self._closed:  # close() ended it, not our caller
-                raise RespConnectionError(f"redis at {self.options.where}: client closed") from None
+                raise RespNotSent(f"redis at {self.options.where}: client closed") from None
             raise
 
     def _connect_done(self, attempt: asyncio.Future[_Connection]) -> None:
@@ -488,14 +494,14 @@ class RespClient:
         try:
             conn = await asyncio.wait_for(self._open(), options.socket_connect_timeout)
         except TimeoutError:
-            raise RespConnectionError(
+            raise RespNotSent(
                 f"redis at {options.where}: no connection within {options.socket_connect_timeout}s"
             ) from None
         except OSError as exc:
-            raise RespConnectionError(f"redis at {options.where}: cannot connect ({exc})") from exc
+            raise RespNotSent(f"redis at {options.where}: cannot connect ({exc})") from exc
         if self._closed:  # close() came while connecting: the connection must not outlive it
             conn.abort("client closed")
-            raise RespConnectionError(f"redis at {options.where}: client closed")
+            raise RespNotSent(f"redis at {options.where}: client closed")
         self._conn = conn
         return conn
 
