@@ -38,7 +38,7 @@ class FlakyStore:
         self._touch()
         await self.inner.settle(principal_id, hold, actual, now)
 
-    async def renew(self, holds: Sequence[tuple[str, str]], until: float) -> None:
+    async def renew(self, holds: Sequence[tuple[str, Hold]], until: float) -> None:
         self._touch()
 
     async def peek(

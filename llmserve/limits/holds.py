@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import uuid
+import os
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmserve.limits")
 
+# Hold ids: unique across processes (a random tag per process) and cheap (a counter).
+_PROCESS_TAG = os.urandom(8).hex() + "-"
+_serial = itertools.count(1)
 MAX_PENDING = 100_000  # settlements kept while the store is down
 _SHUTDOWN_FLUSH_SECONDS = 2.0  # how long close() may spend sending what is pending
 
@@ -39,7 +43,7 @@ class HoldKeeper:
     def __init__(self, limiter: Limiter, lease_seconds: float) -> None:
         self._limiter = limiter
         self.lease_seconds = lease_seconds
-        self._live: dict[str, str] = {}  # hold id -> principal id, for lease renewal
+        self._live: dict[str, tuple[str, Hold]] = {}  # id -> (principal id, hold): to renew
         self._pending: deque[Settlement] = deque()
         self._ticker: asyncio.Task[None] | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -52,13 +56,13 @@ class HoldKeeper:
         """A hold for these charges; it needs an id only when it holds tokens to give back."""
         token_windows = tuple(rule.unit == "tokens" for rule in plan.rules)
         holds_tokens = any(t and c.cost for t, c in zip(token_windows, charges, strict=True))
-        hold_id = uuid.uuid4().hex if holds_tokens else ""
+        hold_id = f"{_PROCESS_TAG}{next(_serial):x}" if holds_tokens else ""
         return Hold(hold_id, charges, now, now + self.lease_seconds, token_windows)
 
     def track(self, principal_id: str, hold: Hold) -> None:
         """Renew this hold's lease until it is settled."""
         if hold.id and self._leases:
-            self._live[hold.id] = principal_id
+            self._live[hold.id] = (principal_id, hold)
             self._tick_soon()
 
     def untrack(self, hold_id: str) -> None:
@@ -122,9 +126,9 @@ class HoldKeeper:
 
     async def _renew(self) -> None:
         limiter = self._limiter
-        holds = [(principal_id, hold_id) for hold_id, principal_id in self._live.items()]
         try:
-            await limiter.store.renew(holds, limiter.clock() + self.lease_seconds)
+            await limiter.store.renew(list(self._live.values()),
+                                      limiter.clock() + self.lease_seconds)  # fmt: skip
         except StoreUnavailable as exc:
             limiter.store_failed("renew", exc)
 

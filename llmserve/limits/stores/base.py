@@ -80,9 +80,9 @@ class Store(Protocol):
         alone. Idempotent per hold id."""
         ...
 
-    async def renew(self, holds: Sequence[tuple[str, str]], until: float) -> None:
-        """Extend the leases of these (principal_id, hold_id) holds to `until`; a hold that
-        has already expired stays expired."""
+    async def renew(self, holds: Sequence[tuple[str, Hold]], until: float) -> None:
+        """Extend the leases of these (principal_id, hold) to `until`; a hold that has
+        already expired stays expired."""
         ...
 
     async def peek(

@@ -2,17 +2,18 @@
 -- Mirrors llmserve/limits/windows.py (refill, fits, settle_delta) and stores/memory.py:
 -- change them together.
 --
--- KEYS[1]  holds:   sorted set, hold id -> lease end (caller's clock, epoch seconds)
--- KEYS[2]  details: hash, hold id -> JSON {at = reserved at, w = [{k, b, r, c, t}]}: each
---          window's key, bucket (1) or fixed (0), rate, units held, counts tokens (1 | 0)
--- KEYS[3]  held:    hash, fixed-window key -> units that holds in flight account for
--- KEYS[4]  done:    sorted set, hold id -> when it may be forgotten (settled or cancelled)
--- KEYS[5..] one key per window: a hash {u = used, t = last update} for a bucket, an integer
+-- KEYS[1]  holds: sorted set of the holds in flight, scored by lease end (caller's clock,
+--          epoch seconds). A member is the hold as JSON: {id, at = reserved at, w = [{k, b, r,
+--          c, t}]}, per window its key, bucket (1) or fixed (0), rate, units held, and whether
+--          it counts tokens (1 | 0).
+-- KEYS[2]  held: hash, fixed-window key -> units that holds in flight account for
+-- KEYS[3]  done: sorted set, hold id -> when it may be forgotten (settled or cancelled)
+-- KEYS[4..] one key per window: a hash {u = used, t = last update} for a bucket, an integer
 --          for a fixed window (its key names the day or month).
 
 local EPSILON = 1e-9
-local HOLDS, DETAILS, HELD, DONE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local FIRST = 5
+local HOLDS, HELD, DONE = KEYS[1], KEYS[2], KEYS[3]
+local FIRST = 4
 local MARGIN_MS = 60000
 
 local function num(x)
@@ -38,11 +39,11 @@ end
 
 -- Add `delta` units to a window, never below zero. A refund leaves a missing key alone (a
 -- drained bucket, a window that is over); a charge to a missing fixed window creates it.
-local function add(bucket_kind, key, rate, delta, now, ttl_ms)
+local function add(is_bucket, key, rate, delta, now, ttl_ms)
   if delta == 0 then
     return
   end
-  if bucket_kind then
+  if is_bucket then
     local u, t, exists = bucket(key, rate, now)
     if exists or delta > 0 then
       set_bucket(key, math.max(0, u + delta), t, rate)
@@ -57,48 +58,33 @@ local function add(bucket_kind, key, rate, delta, now, ttl_ms)
   end
 end
 
-local function count_held(key, units)
-  if redis.call("HINCRBY", HELD, key, units) <= 0 then
-    redis.call("HDEL", HELD, key)
-  end
-end
-
--- Replace what a hold took in one window (w: an entry of its details) by `actual` units.
-local function replace(w, actual, held_for, now, tracked, ttl_ms)
-  local delta = actual - w.c
-  if w.b == 1 and delta < 0 then
+-- Replace what a hold took in one window (`held` units, `held_for` seconds ago) by `actual`.
+-- `tracked`: the hold is counted in HELD (it has an id).
+local function replace(is_bucket, key, rate, held, actual, held_for, now, ttl_ms, tracked)
+  local delta = actual - held
+  if is_bucket and delta < 0 then
     -- a bucket refunds at most what can still be in it from this hold (settle_delta)
-    local still = math.max(0, w.c - math.max(0, held_for) * w.r)
+    local still = math.max(0, held - math.max(0, held_for) * rate)
     delta = -math.floor(math.min(-delta, still))
   end
-  if tracked and w.b == 0 then
-    count_held(w.k, -w.c)
+  if tracked and not is_bucket and held > 0 then
+    if redis.call("HINCRBY", HELD, key, -held) <= 0 then
+      redis.call("HDEL", HELD, key)
+    end
   end
-  add(w.b == 1, w.k, w.r, delta, now, ttl_ms)
+  add(is_bucket, key, rate, delta, now, ttl_ms)
 end
 
 -- Refund the tokens of holds whose lease ran out (their process died): the request still
--- counts in requests_per_minute. Forget settlements old enough that no reserve can follow.
+-- counts in requests_per_minute. Returns how many there were.
 local function reconcile(now)
   local expired = redis.call("ZRANGEBYSCORE", HOLDS, "-inf", num(now), "LIMIT", 0, 256)
-  for _, id in ipairs(expired) do
-    local details = redis.call("HGET", DETAILS, id)
-    if details then
-      local hold = cjson.decode(details)
-      for _, w in ipairs(hold.w) do
-        replace(w, w.t == 1 and 0 or w.c, now - hold.at, now, true, 0)
-      end
-      redis.call("HDEL", DETAILS, id)
+  for _, member in ipairs(expired) do
+    local hold = cjson.decode(member)
+    for _, w in ipairs(hold.w) do
+      replace(w.b == 1, w.k, w.r, w.c, w.t == 1 and 0 or w.c, now - hold.at, now, 0, true)
     end
-    redis.call("ZREM", HOLDS, id)
+    redis.call("ZREM", HOLDS, member)
   end
-  redis.call("ZREMRANGEBYSCORE", DONE, "-inf", num(now))
-end
-
--- Make an existing key live at least ttl_ms more.
-local function keep(key, ttl_ms)
-  local left = redis.call("PTTL", key)
-  if left == -1 or (left >= 0 and left < ttl_ms) then
-    redis.call("PEXPIRE", key, ttl_ms)
-  end
+  return #expired
 end

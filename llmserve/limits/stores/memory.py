@@ -104,7 +104,7 @@ class MemoryStore:
                 self._add(principal_id, charge, delta, now)
         self._maybe_flush()
 
-    async def renew(self, holds: Sequence[tuple[str, str]], until: float) -> None:
+    async def renew(self, holds: Sequence[tuple[str, Hold]], until: float) -> None:
         return None  # holds end with this process: there is no lease to renew
 
     def _add(self, principal_id: str, charge: WindowCharge, delta: int, now: float) -> None:

@@ -6,8 +6,8 @@ processes. Keys of one principal share a hash tag (`{principal}`) so the scripts
 Redis Cluster.
 
 Holds (stores/base.py): each reservation is recorded with a lease. A hold whose lease ran
-out, because the process that made it died, gets its tokens refunded by the next script that
-touches the principal (the next reserve, settlement or `keys usage`). The limiter renews the
+out, because the process that made it died, gets its tokens refunded by the next usage read
+(`keys usage`) or the next reserve that would otherwise be refused. The limiter renews the
 leases of its live holds. A settlement is recorded for a while after it ran, so a reserve
 that reaches Redis after its own settlement (a reply lost, Redis paused) charges nothing.
 
@@ -77,10 +77,10 @@ class RedisStore:
         keys_ttl = max([_window_ttl_ms(c, now) for c in charges]
                        + [math.ceil((hold.lease_until - now) * 1000) + _EXPIRY_MARGIN_MS])
         args: list[RespArg] = [repr(now), hold.id, repr(hold.lease_until),
-                               self._details(principal_id, hold), keys_ttl, *windows]
+                               self._member(principal_id, hold), keys_ttl, *windows]
         reply = await self._eval(self._reserve, principal_id, charges, args)
         admitted = int(reply[0])
-        if admitted < 0:  # settled before it ran: only a stale reserve nobody waits for
+        if admitted < 0:  # cancelled before it ran: only a stale reserve nobody waits for
             return ReserveOutcome(False, tuple(0.0 for _ in charges))
         n = len(charges)
         numbers = [float(v) for v in reply[1:]]
@@ -92,22 +92,20 @@ class RedisStore:
         lease = max(0.0, hold.lease_until - hold.reserved_at)
         done_until = now + max(_MIN_DONE_SECONDS, _DONE_LEASES * lease)
         args: list[RespArg] = [repr(now), hold.id, repr(done_until),
-                               self._details(principal_id, hold)]  # fmt: skip
+                               self._member(principal_id, hold) if hold.id else "",
+                               repr(hold.reserved_at)]  # fmt: skip
         for c, units in zip(hold.charges, actual, strict=True):
-            args += [units, _window_ttl_ms(c, now)]
+            kind = "b" if c.kind == "bucket" else "f"
+            args += [kind, repr(c.rate), c.cost, units, _window_ttl_ms(c, now)]
         await self._eval(self._settle, principal_id, hold.charges, args)
 
-    async def renew(self, holds: Sequence[tuple[str, str]], until: float) -> None:
-        by_principal: dict[str, list[str]] = defaultdict(list)
-        for principal_id, hold_id in holds:
-            by_principal[principal_id].append(hold_id)
-        commands: list[tuple[RespArg, ...]] = []
-        for principal_id, ids in by_principal.items():
-            scores: list[RespArg] = []
-            for hold_id in ids:
-                scores += [repr(until), hold_id]
-            # XX: a hold already expired (and refunded) must not come back
-            commands.append(("ZADD", self._hold_keys(principal_id)[0], "XX", *scores))
+    async def renew(self, holds: Sequence[tuple[str, Hold]], until: float) -> None:
+        by_principal: dict[str, list[RespArg]] = defaultdict(list)
+        for principal_id, hold in holds:
+            by_principal[principal_id] += [repr(until), self._member(principal_id, hold)]
+        # XX: a hold already expired (and refunded) must not come back
+        commands = [("ZADD", self._hold_keys(principal_id)[0], "XX", *scores)
+                    for principal_id, scores in by_principal.items()]  # fmt: skip
         try:
             await self.client.call_many(commands)
         except (RespFailure, OSError) as exc:
@@ -147,17 +145,19 @@ class RedisStore:
         return f"{base}:{charge.window_id}" if charge.kind == "fixed" else base
 
     def _hold_keys(self, principal_id: str) -> list[str]:
-        """holds, details, held, done: see common.lua."""
+        """holds, held, done: see common.lua."""
         base = f"{self._prefix}{{{principal_id}}}:"
-        return [base + "holds", base + "hold-details", base + "held", base + "settled"]
+        return [base + "holds", base + "held", base + "settled"]
 
-    def _details(self, principal_id: str, hold: Hold) -> str:
-        windows = [
-            {"k": self.key(principal_id, c), "b": int(c.kind == "bucket"), "r": c.rate,
-             "c": c.cost, "t": int(tokens)}
+    def _member(self, principal_id: str, hold: Hold) -> str:
+        """The hold as its member of the holds set: JSON with all a refund needs. Built the
+        same way every time: settling and renewing name the member by its exact text."""
+        windows = ",".join(
+            f'{{"k":{json.dumps(self.key(principal_id, c))},"b":{int(c.kind == "bucket")},'
+            f'"r":{c.rate!r},"c":{c.cost},"t":{int(tokens)}}}'
             for c, tokens in zip(hold.charges, hold.token_windows, strict=True)
-        ]  # fmt: skip
-        return json.dumps({"at": hold.reserved_at, "w": windows}, separators=(",", ":"))
+        )
+        return f'{{"id":"{hold.id}","at":{hold.reserved_at!r},"w":[{windows}]}}'
 
     async def _eval(
         self,
