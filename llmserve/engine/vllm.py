@@ -28,6 +28,7 @@ from llmserve.engine.base import (
     PromptTooLong,
     SamplingOptions,
 )
+from llmserve.engine.reaper import Reaper
 from llmserve.engine.vllm_args import (
     BASE_ENV,
     EngineLaunch,
@@ -77,6 +78,7 @@ class VLLMEngine:
         self._dead: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()  # orders close() against a start-up thread
+        self._reaper: Reaper | None = None  # kills the engine's processes if the server dies
         self.start_seconds: float | None = None
 
     @property
@@ -100,6 +102,23 @@ class VLLMEngine:
         if self._llm is not None:
             return
         began = time.monotonic()
+        if self._reaper is None:
+            self._reaper = Reaper.start()  # before the engine's processes exist
+        try:
+            await self._start()
+        except BaseException:
+            self._stop_reaper()
+            raise
+        self.start_seconds = time.monotonic() - began
+        log.info(
+            "vLLM engine ready: model %s on %s (dtype %s) in %.1f s",
+            self.model_name,
+            self._launch.device if self._launch else "?",
+            self._launch.engine_args.get("dtype") if self._launch else "?",
+            self.start_seconds,
+        )
+
+    async def _start(self) -> None:
         # The result comes back through an attribute, not the thread's future: an idle worker
         # thread keeps its last future alive, and with it the engine after close().
         await asyncio.to_thread(self._build)
@@ -114,14 +133,6 @@ class VLLMEngine:
             _shutdown(llm)
             raise EngineStartError(f"vLLM's request handlers could not start: {exc}") from exc
         self._llm = llm  # last: check_health passes only once everything above is set
-        self.start_seconds = time.monotonic() - began
-        log.info(
-            "vLLM engine ready: model %s on %s (dtype %s) in %.1f s",
-            self.model_name,
-            self._launch.device if self._launch else "?",
-            self._launch.engine_args.get("dtype") if self._launch else "?",
-            self.start_seconds,
-        )
 
     def _build(self) -> None:
         _check_model_exists(self._config.model)
@@ -162,6 +173,12 @@ class VLLMEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             _shutdown(llm)
+        self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.stop()
 
     # -- health -------------------------------------------------------------------------------
 

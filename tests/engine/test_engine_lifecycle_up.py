@@ -115,3 +115,29 @@ def test_a_dead_engine_ends_streams_with_an_error_and_exits_1(tmp_path, tiny_mod
     left = group_members(pgid)
     kill_group(server.proc)
     assert not left
+
+
+def test_no_engine_process_outlives_a_sigkilled_server(tmp_path, tiny_model_dir):
+    config = {
+        "server": {"public_ready": True},
+        "engine": {"model": str(tiny_model_dir), "served_model_name": "tiny",
+                   "max_model_len": 512, "cpu_kv_cache_bytes": "256MiB"},
+        "auth": {"enabled": False},
+        "limits": {"state_dir": str(tmp_path / "limits")},
+        "usage": {"ledger": None},
+    }  # fmt: skip
+    with llmserve_up(tmp_path, config, ready_path="/ready", timeout=300) as server:
+        [core] = engine_core_pids(server.proc.pid)
+        body = {"model": "tiny", "max_tokens": 480, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body,
+                          timeout=60) as response:  # fmt: skip
+            assert next(response.iter_lines()).startswith("data: ")
+            os.kill(server.proc.pid, signal.SIGKILL)  # the server only, mid-stream
+            server.proc.wait(10)
+            deadline = time.monotonic() + 5
+            while Path(f"/proc/{core}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            status = Path(f"/proc/{core}/stat")
+            left = status.exists() and status.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            assert not left, "the engine core outlived the server by 5 s"
