@@ -65,3 +65,30 @@ async def test_top_once_reads_a_live_app(app_client, tmp_path: Path) -> None:
     assert "health ok" in text
     row = next(line for line in text.splitlines() if "5xx errors" in line)
     assert row.split()[-2:] == ["0", "2"]  # none in the window, 2 since the start
+
+
+async def test_in_flight_gauge_counts_requests_holding_an_engine_slot(aiohttp_client, tmp_path):
+    from llmserve.server.app import ENGINE_START
+    from llmserve.server.components import build_components
+
+    config = make_config(tmp_path, server={"public_metrics": True},
+                         engine={"fake": {"tokens_per_second": 20}})  # fmt: skip
+    client = await aiohttp_client(build_components(config).app)
+    await client.app[ENGINE_START]
+
+    async def gauges() -> dict[str, str]:
+        text = await (await client.get("/metrics")).text()
+        return {line.split()[0]: line.split()[1] for line in text.splitlines()
+                if line.startswith(("llmserve_in_flight_requests ",
+                                    "llmserve_concurrency_limit "))}  # fmt: skip
+
+    idle = await gauges()
+    assert idle["llmserve_in_flight_requests"] == "0.0"  # the scrape itself holds no slot
+    body = {**CHAT, "max_tokens": 40}
+    running = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+               for _ in range(3)]  # fmt: skip
+    await asyncio.sleep(0.5)
+    busy = await gauges()
+    assert busy["llmserve_in_flight_requests"] == "3.0"
+    for response in await asyncio.gather(*running):
+        assert response.status == 200

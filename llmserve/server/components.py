@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from llmserve.admission import AdmissionQueue
-from llmserve.app_state import GATEWAY, LIFECYCLE
+from llmserve.app_state import GATEWAY
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.redact import install_redaction
@@ -112,10 +112,10 @@ def _auth(config: Config, closers: list[Callable[[], Any]]) -> Any:
 
 def _bind_metrics(metrics: Metrics, app: web.Application, engine: Engine,
                   admission: AdmissionQueue, config: Config) -> None:  # fmt: skip
-    gateway, lifecycle = app[GATEWAY], app[LIFECYCLE]
+    gateway = app[GATEWAY]
     metrics.bind(
         queue_depth=lambda: admission.depth,
-        in_flight=lambda: lifecycle.in_flight,
+        in_flight=lambda: admission.in_flight,
         concurrency_limit=lambda: admission.max_concurrency,
         queue_limit=lambda: admission.max_depth,
         engine_stats=engine.stats,
