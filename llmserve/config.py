@@ -171,6 +171,21 @@ class EngineConfig(Section):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM TP).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM PP).")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Engine replicas in this server (vLLM data parallel), each with "
+        "`tensor_parallel_size` x `pipeline_parallel_size` devices; vLLM balances requests "
+        "between them and admission allows `max_num_seqs` in flight per replica.",
+    )
+    data_parallel_backend: Literal["mp", "ray"] = Field(
+        "mp", description="How vLLM runs the data-parallel replicas: processes, or Ray actors."
+    )
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None,
+        description="How vLLM runs the workers of one replica (`mp` processes, `ray`, `uni`: "
+        "in the engine process). Unset: vLLM's choice (`uni` on CPU).",
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU only)."
     )
@@ -345,7 +360,10 @@ class LimitsConfig(Section):
 
 class QueueConfig(Section):
     max_concurrency: int | None = Field(
-        None, ge=1, description="Requests in the engine at once (default: engine.max_num_seqs)."
+        None,
+        ge=1,
+        description="Requests in the engine at once (default: engine.max_num_seqs x "
+        "engine.data_parallel_size).",
     )
     max_depth: int = Field(64, ge=0, description="Requests waiting for a slot; beyond: 503.")
     max_wait_seconds: float = Field(30.0, gt=0, description="Longest wait for a slot; then 503.")
@@ -399,7 +417,8 @@ class Config(Section):
 
     @property
     def max_concurrency(self) -> int:
-        return self.queue.max_concurrency or self.engine.max_num_seqs
+        engine = self.engine
+        return self.queue.max_concurrency or engine.max_num_seqs * engine.data_parallel_size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -529,8 +529,16 @@ _GAUGE_DOCS = {
     "concurrency_limit": ("llmserve_concurrency_limit", "Engine slots (requests at once)."),
     "engine_healthy": ("llmserve_engine_healthy", "1 when the engine can serve, else 0."),
 }
+_RANK_DOCS = {
+    "kv_cache_usage": ("llmserve_engine_rank_kv_cache_usage_ratio",
+                       "Fraction of one engine's KV cache in use (0-1), by data-parallel rank."),
+    "running": ("llmserve_engine_rank_running_requests",
+                "Requests one engine is running, by data-parallel rank."),
+}  # fmt: skip
 _ENGINE_DOCS = {
-    "kv_cache_usage": ("llmserve_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1)."),
+    "kv_cache_usage": ("llmserve_kv_cache_usage_ratio",
+                       "Fraction of the KV cache in use (0-1); the fullest engine's with data "
+                       "parallelism."),
     "running": ("llmserve_engine_running_requests", "Requests the engine is running."),
     "waiting": ("llmserve_engine_waiting_requests", "Requests waiting inside the engine."),
 }
@@ -549,6 +557,18 @@ def _bound_gauges(sources: dict[str, Callable[[], Any]], describe: bool) -> Iter
             if describe or stats is not None:
                 value = float(getattr(stats, attr)) if stats is not None else None
                 yield GaugeMetricFamily(name, doc, value=value)
+        yield from _rank_gauges(stats, describe)
+
+
+def _rank_gauges(stats: EngineStats | None, describe: bool) -> Iterator[Metric]:
+    """Each engine's own numbers (data parallel: one engine per rank)."""
+    if not describe and (stats is None or not stats.ranks):
+        return
+    for attr, (name, doc) in _RANK_DOCS.items():
+        family = GaugeMetricFamily(name, doc, labels=("rank",))
+        for rank in stats.ranks if stats is not None else ():
+            family.add_metric((str(rank.rank),), float(getattr(rank, attr)))
+        yield family
 
 
 def _gauge_lines(family: Metric, out: list[str]) -> None:

@@ -21,6 +21,7 @@ KNOWN = {
     "kv_cache_memory_bytes", "enforce_eager", "distributed_executor_backend",
     "enable_chunked_prefill", "max_num_batched_tokens", "disable_log_stats",
     "scheduling_policy", "enable_prefix_caching", "max_num_queued_reqs",
+    "data_parallel_size", "data_parallel_backend",
 }  # fmt: skip
 
 
@@ -124,6 +125,40 @@ def test_stats_sink_keeps_the_last_scheduler_snapshot_and_token_totals() -> None
     stats = sink.snapshot()
     assert (stats.kv_cache_usage, stats.running, stats.waiting) == (0.25, 3, 2)
     assert stats.extra == {"prompt_tokens_total": 10, "generation_tokens_total": 6}
+
+
+def test_stats_sink_keeps_each_data_parallel_rank_and_headlines_the_fullest() -> None:
+    sink = StatsSink(ranks=2)
+    sink.record(SimpleNamespace(kv_cache_usage=0.9, num_running_reqs=4, num_waiting_reqs=1),
+                None, engine_idx=1)  # fmt: skip
+    sink.record(SimpleNamespace(kv_cache_usage=0.2, num_running_reqs=1, num_waiting_reqs=0),
+                None, engine_idx=0)  # fmt: skip
+    stats = sink.snapshot()
+    assert (stats.kv_cache_usage, stats.running, stats.waiting) == (0.9, 5, 1)
+    assert [(r.rank, r.kv_cache_usage, r.running) for r in stats.ranks] == [
+        (0, 0.2, 1), (1, 0.9, 4)]  # fmt: skip
+
+
+def test_data_parallel_settings_reach_the_engine_args_on_cpu_and_gpu() -> None:
+    settings = {"data_parallel_size": 2, "data_parallel_backend": "ray"}
+    cpu = build_launch(config(**settings), "cpu", KNOWN).engine_args
+    assert (cpu["data_parallel_size"], cpu["data_parallel_backend"]) == (2, "ray")
+    assert cpu["distributed_executor_backend"] == "uni"  # one replica's workers: in-process
+    gpu = build_launch(config(distributed_executor_backend="mp", **settings), "cuda",
+                       KNOWN).engine_args  # fmt: skip
+    assert (gpu["data_parallel_size"], gpu["distributed_executor_backend"]) == (2, "mp")
+    with pytest.raises(EngineStartError, match="data_parallel_size"):
+        build_launch(config(options={"data_parallel_size": 4}), "cpu", KNOWN)
+
+
+def test_admission_slots_scale_with_the_data_parallel_engines() -> None:
+    from llmserve.config import Config
+
+    two = Config.model_validate({"engine": {"max_num_seqs": 8, "data_parallel_size": 2}})
+    assert two.max_concurrency == 16
+    fixed = Config.model_validate({"engine": {"max_num_seqs": 8, "data_parallel_size": 2},
+                                   "queue": {"max_concurrency": 5}})  # fmt: skip
+    assert fixed.max_concurrency == 5
 
 
 class RecordingTokenizer:

@@ -92,3 +92,32 @@ async def test_in_flight_gauge_counts_requests_holding_an_engine_slot(aiohttp_cl
     assert busy["llmserve_in_flight_requests"] == "3.0"
     for response in await asyncio.gather(*running):
         assert response.status == 200
+
+
+async def test_data_parallel_engines_double_the_slots_and_report_each_rank(
+    aiohttp_client, tmp_path
+) -> None:
+    from llmserve.server.app import ENGINE_START
+    from llmserve.server.components import build_components
+
+    config = make_config(tmp_path, server={"public_metrics": True},
+                         engine={"max_num_seqs": 2, "data_parallel_size": 2,
+                                 "fake": {"tokens_per_second": 20}})  # fmt: skip
+    assert config.max_concurrency == 4  # max_num_seqs per engine, two engines
+    client = await aiohttp_client(build_components(config).app)
+    await client.app[ENGINE_START]
+    body = {**CHAT, "max_tokens": 40}
+    running = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+               for _ in range(5)]  # fmt: skip
+    await asyncio.sleep(0.5)
+    text = await (await client.get("/metrics")).text()
+    samples = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in text.splitlines()
+               if line.startswith("llmserve_") and not line.startswith("#")}  # fmt: skip
+    assert samples["llmserve_concurrency_limit"] == "4.0"
+    assert samples["llmserve_in_flight_requests"] == "4.0"
+    assert samples["llmserve_queue_depth"] == "1.0"  # the fifth waits for a slot
+    assert samples['llmserve_engine_rank_running_requests{rank="0"}'] == "2.0"
+    assert samples['llmserve_engine_rank_running_requests{rank="1"}'] == "2.0"
+    assert samples['llmserve_engine_rank_kv_cache_usage_ratio{rank="1"}'] == "1.0"
+    for response in await asyncio.gather(*running):
+        assert response.status == 200

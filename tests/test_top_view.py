@@ -89,6 +89,23 @@ def test_rendered_dashboard_shows_the_numbers() -> None:
     assert "vllm" not in text
 
 
+def test_data_parallel_ranks_each_show_their_kv_cache() -> None:
+    current = recorded(2, 102.0)
+    current.samples["llmserve_engine_rank_kv_cache_usage_ratio"] = [
+        ({"rank": "1"}, 0.85), ({"rank": "0"}, 0.125)]  # fmt: skip
+    text = text_of(render_scrapes(recorded(1, 100.0), current, "u", 1.0))
+    rows = [line for line in text.splitlines() if "rank " in line]
+    assert len(rows) == 2
+    assert "rank 0" in rows[0] and "12.5%" in rows[0]
+    assert "rank 1" in rows[1] and "85.0%" in rows[1]
+
+
+def test_one_engine_shows_no_rank_rows() -> None:
+    current = recorded(2, 102.0)
+    current.samples["llmserve_engine_rank_kv_cache_usage_ratio"] = [({"rank": "0"}, 0.85)]
+    assert "rank 0" not in text_of(render_scrapes(recorded(1, 100.0), current, "u", 1.0))
+
+
 def test_kv_cache_colour_follows_the_thresholds() -> None:
     def style_of_kv(ratio: float) -> str:
         current = recorded(2, 102.0)

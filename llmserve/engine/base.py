@@ -48,10 +48,22 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
+    """The engine's scheduler state. With several engines (data parallel), the headline is
+    the fullest KV cache and the sums of requests; `ranks` has each engine's own."""
+
     kv_cache_usage: float = 0.0  # 0..1
     running: int = 0
     waiting: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    ranks: tuple[RankStats, ...] = ()  # per engine (data-parallel rank), in rank order
+
+
+@dataclass(frozen=True, slots=True)
+class RankStats:
+    rank: int
+    kv_cache_usage: float
+    running: int
+    waiting: int
 
 
 class EngineError(Exception):

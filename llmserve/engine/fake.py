@@ -20,6 +20,7 @@ from llmserve.engine.base import (
     Delta,
     EngineError,
     EngineStats,
+    RankStats,
     EngineUnavailable,
     Prompt,
     SamplingOptions,
@@ -55,6 +56,7 @@ class FakeEngine:
         fail_before_first_token: bool = False,
         fail_after_tokens: int | None = None,
         max_num_seqs: int = 16,
+        data_parallel_size: int = 1,
     ) -> None:
         self._model_name = model_name
         self._max_model_len = max_model_len
@@ -63,7 +65,8 @@ class FakeEngine:
         self.output_tokens = output_tokens
         self.fail_before_first_token = fail_before_first_token
         self.fail_after_tokens = fail_after_tokens
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs = max_num_seqs  # per engine (rank)
+        self.data_parallel_size = data_parallel_size
         # the most recent requests, for tests; bounded so a long benchmark run does not grow the
         # heap (and every garbage-collector pass with it)
         self.calls: deque[GenerateCall] = deque(maxlen=RECENT_CALLS)
@@ -88,6 +91,7 @@ class FakeEngine:
             fail_before_first_token=fake.fail_before_first_token,
             fail_after_tokens=fake.fail_after_tokens,
             max_num_seqs=config.max_num_seqs,
+            data_parallel_size=config.data_parallel_size,
         )
 
     @property
@@ -189,10 +193,16 @@ class FakeEngine:
         return None
 
     def stats(self) -> EngineStats:
+        """Requests spread over the ranks as evenly as a data-parallel coordinator would."""
+        ranks = self.data_parallel_size
+        each, extra = divmod(self.running, ranks)
+        per_rank = [each + (1 if r < extra else 0) for r in range(ranks)]
         return EngineStats(
-            kv_cache_usage=min(1.0, self.running / self.max_num_seqs),
+            kv_cache_usage=min(1.0, max(per_rank) / self.max_num_seqs),
             running=self.running,
             waiting=0,
+            ranks=tuple(RankStats(r, min(1.0, n / self.max_num_seqs), n, 0)
+                        for r, n in enumerate(per_rank)),  # fmt: skip
         )
 
     async def close(self) -> None:

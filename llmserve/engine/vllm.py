@@ -73,12 +73,13 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._launch: EngineLaunch | None = None
         self._sampling_defaults: dict[str, Any] = {}
-        self._sink = StatsSink()
+        self._sink = StatsSink(ranks=config.data_parallel_size)
         self._frontend: VLLMFrontend | None = None
         self._dead: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()  # orders close() against a start-up thread
         self._reaper: Reaper | None = None  # kills the engine's processes if the server dies
+        self._aborting: set[str] = set()  # requests abort() ended: no finish is expected
         self.start_seconds: float | None = None
 
     @property
@@ -263,11 +264,19 @@ class VLLMEngine:
             request_id,
             **self._priority(options),
         )
+        finished = False
         try:
             async for output in stream:
                 delta = _delta_of(output)
                 if delta is not None:
+                    finished = delta.finish_reason is not None
                     yield delta
+            if not finished and request_id not in self._aborting:
+                # vLLM ended it without a finish: never pass a cut answer off as complete (seen
+                # when one of several data-parallel engines died)
+                if self.dead is not None:
+                    raise EngineUnavailable("engine is not available")
+                raise EngineError("the engine ended the request before it finished")
         except self._vllm.EngineDeadError as exc:
             self._mark_dead(exc)
             raise EngineUnavailable("engine is not available") from exc
@@ -279,11 +288,13 @@ class VLLMEngine:
                 raise EngineUnavailable("engine is not available") from exc
             raise EngineError("generation failed") from exc
         finally:
+            self._aborting.discard(request_id)
             # Closing our iterator early (client gone) closes vLLM's, which aborts the request.
             await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and not self._closed:
+            self._aborting.add(request_id)  # its stream then ends without a finish, as asked
             await self._llm.abort(request_id)
 
     def _sampling_params(self, options: SamplingOptions) -> Any:

@@ -34,6 +34,9 @@ _OWN_FIELDS = {
     "dtype": "dtype",
     "tensor_parallel_size": "tensor_parallel_size",
     "pipeline_parallel_size": "pipeline_parallel_size",
+    "data_parallel_size": "data_parallel_size",
+    "data_parallel_backend": "data_parallel_backend",
+    "distributed_executor_backend": "distributed_executor_backend",
     "gpu_memory_utilization": "gpu_memory_utilization",
     "kv_cache_memory_bytes": "cpu_kv_cache_bytes",
     "reasoning_parser": "reasoning_parser",
@@ -165,6 +168,10 @@ def _common_args(config: EngineConfig) -> dict[str, Any]:
         "dtype": config.dtype,
         "tensor_parallel_size": config.tensor_parallel_size,
         "pipeline_parallel_size": config.pipeline_parallel_size,
+        "data_parallel_size": config.data_parallel_size,
+        "data_parallel_backend": config.data_parallel_backend,
+        **({"distributed_executor_backend": config.distributed_executor_backend}
+           if config.distributed_executor_backend else {}),  # fmt: skip
         # Stats stay on: our stat logger and vLLM's own vllm:* Prometheus series need them.
         "disable_log_stats": False,
     }
@@ -240,7 +247,7 @@ def _cpu_args(config: EngineConfig, cpu_flags: Collection[str]) -> dict[str, Any
         "dtype": cpu_dtype(config, cpu_flags).dtype,
         "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
         "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
-        "distributed_executor_backend": "uni",
+        "distributed_executor_backend": config.distributed_executor_backend or "uni",
         # Whole prompts in one step: a chunked seeded prefill crashes the CPU engine.
         "enable_chunked_prefill": False,
         "max_num_batched_tokens": max(config.max_model_len, 2048),

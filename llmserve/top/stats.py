@@ -90,6 +90,8 @@ class Snapshot:
     unavailable: tuple[float, float]  # 503s
     server_errors: tuple[float, float]  # other 5xx
     principals: list[Principal] = field(default_factory=list)
+    # data parallel: each engine's KV cache use, by rank (empty with one engine)
+    rank_kv_cache_usage: list[tuple[str, float]] = field(default_factory=list)
 
 
 def summarize(previous: Scrape, current: Scrape, top_principals: int = 8) -> Snapshot:
@@ -127,7 +129,16 @@ def summarize(previous: Scrape, current: Scrape, top_principals: int = 8) -> Sna
         unavailable=_status_counts(previous, current, lambda s: s == "503"),
         server_errors=_status_counts(previous, current, lambda s: s.startswith("5") and s != "503"),
         principals=_principals(previous, current, seconds)[:top_principals],
+        rank_kv_cache_usage=_ranks(current),
     )
+
+
+def _ranks(current: Scrape) -> list[tuple[str, float]]:
+    ranks = current.series("llmserve_engine_rank_kv_cache_usage_ratio")
+    if len(ranks) < 2:
+        return []  # one engine: the headline says it all
+    return sorted(((labels.get("rank", "?"), value) for labels, value in ranks),
+                  key=lambda item: int(item[0]) if item[0].isdigit() else -1)  # fmt: skip
 
 
 def _latencies(previous: Scrape, current: Scrape) -> dict[str, tuple[float | None, ...]]:

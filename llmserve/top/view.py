@@ -108,6 +108,9 @@ def _gauges(snap: Snapshot) -> Panel:
     kv = snap.kv_cache_usage
     kv_style = _level(kv, KV_WARN, KV_CRITICAL)
     grid.add_row("KV cache", _bar(kv, kv_style), Text(_percent(kv), kv_style))
+    for rank, usage in snap.rank_kv_cache_usage:  # data parallel: each engine's own
+        style = _level(usage, KV_WARN, KV_CRITICAL)
+        grid.add_row(f" rank {rank}", _bar(usage, style), Text(_percent(usage), style))
     grid.add_row("running", Text(_count(snap.running)), Text(f"waiting {_count(snap.waiting)}"))
     queue_ratio = _ratio(snap.queue_depth, snap.queue_limit)
     queue_style = _level(queue_ratio, QUEUE_WARN, QUEUE_CRITICAL)
