@@ -258,6 +258,29 @@ def test_auto_dtype_without_native_bfloat16_keeps_a_large_models_own_dtype(tmp_p
     assert cpu_dtype(EngineConfig(model="org/hub-model"), AVX2_ONLY).dtype == "auto"
 
 
+def test_auto_dtype_without_native_bfloat16_weighs_float32_against_the_memory_available(
+    tmp_path,
+):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import cpu_dtype
+
+    model = str(_model_dir(tmp_path, "bfloat16", 3 * 1024**3))  # 6 GiB in float32
+    engine = EngineConfig(model=model, cpu_kv_cache_bytes="2GiB")
+    assert cpu_dtype(engine, AVX2_ONLY, mem_available=64 * 1024**3).dtype == "float32"
+    tight = cpu_dtype(engine, AVX2_ONLY, mem_available=12 * 1024**3)  # 8 GiB > 60% of 12
+    assert tight.dtype == "auto" and tight.slow and "engine.dtype: float32" in tight.reason
+    assert not cpu_dtype(engine, {"amx_bf16"}, mem_available=12 * 1024**3).slow
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    from llmserve.engine.vllm_args import read_mem_available
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    assert read_mem_available(meminfo) == 20000000 * 1024
+    assert read_mem_available(tmp_path / "missing") is None
+
+
 def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
     from llmserve.engine.vllm_args import read_cpu_flags
 

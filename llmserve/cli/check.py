@@ -11,7 +11,7 @@ import yaml
 
 from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.config import Config, effective_config, resolve_config_path
-from llmserve.engine.vllm_args import cpu_dtype, read_cpu_flags
+from llmserve.engine.vllm_args import cpu_dtype, read_cpu_flags, read_mem_available
 from llmserve.errors import EngineStartError
 from llmserve.models.sampling import model_sampling_defaults
 
@@ -62,7 +62,7 @@ def _show_cpu_dtype(cfg: Config) -> None:
     """What `engine.dtype` becomes on this machine's CPU (the GPU keeps vLLM's choice)."""
     if cfg.engine.kind != "vllm" or cfg.engine.device == "cuda":
         return
-    choice = cpu_dtype(cfg.engine, read_cpu_flags())
+    choice = cpu_dtype(cfg.engine, read_cpu_flags(), read_mem_available())
     typer.echo(f"# engine.dtype on CPU: {choice.dtype} ({choice.reason})", err=True)
 
 

@@ -20,9 +20,9 @@ from llmserve.engine.base import (
     Delta,
     EngineError,
     EngineStats,
-    RankStats,
     EngineUnavailable,
     Prompt,
+    RankStats,
     SamplingOptions,
 )
 
@@ -201,8 +201,10 @@ class FakeEngine:
             kv_cache_usage=min(1.0, max(per_rank) / self.max_num_seqs),
             running=self.running,
             waiting=0,
-            ranks=tuple(RankStats(r, min(1.0, n / self.max_num_seqs), n, 0)
-                        for r, n in enumerate(per_rank)),  # fmt: skip
+            ranks=tuple(
+                RankStats(r, min(1.0, n / self.max_num_seqs), n, 0)
+                for r, n in enumerate(per_rank)
+            ),
         )
 
     async def close(self) -> None:

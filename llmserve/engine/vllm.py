@@ -37,6 +37,7 @@ from llmserve.engine.vllm_args import (
     cpu_dtype,
     frontend_args,
     read_cpu_flags,
+    read_mem_available,
     resolve_device,
 )
 from llmserve.engine.vllm_frontend import VLLMFrontend, build_frontend
@@ -140,10 +141,12 @@ class VLLMEngine:
         for name, value in BASE_ENV.items():
             os.environ.setdefault(name, value)
         device = resolve_device(self._config, _cuda_available())
-        flags = read_cpu_flags()
-        launch = build_launch(self._config, device, _engine_arg_names(), flags)
+        flags, memory = read_cpu_flags(), read_mem_available()
+        launch = build_launch(self._config, device, _engine_arg_names(), flags, memory)
         if device == "cpu":
-            log.info("engine dtype on CPU: %s", cpu_dtype(self._config, flags).reason)
+            choice = cpu_dtype(self._config, flags, memory)
+            log.log(logging.WARNING if choice.slow else logging.INFO,
+                    "engine dtype on CPU: %s", choice.reason)  # fmt: skip
         os.environ.update(launch.env)
         self._vllm = _import_vllm()
         self._launch = launch

@@ -78,11 +78,15 @@ def build_launch(
     device: Device,
     known_options: Collection[str],
     cpu_flags: Collection[str] = frozenset(),
+    mem_available: int | None = None,
 ) -> EngineLaunch:
-    """The full launch description; raise EngineStartError for options vLLM would refuse."""
+    """The full launch description; raise EngineStartError for options vLLM would refuse.
+    `cpu_flags` and `mem_available` (read_cpu_flags, read_mem_available) steer `dtype: auto`
+    on CPU."""
     check_options(config.options, known_options)
     args = _common_args(config)
-    args.update(_cpu_args(config, cpu_flags) if device == "cpu" else _cuda_args(config))
+    cpu = device == "cpu"
+    args.update(_cpu_args(config, cpu_flags, mem_available) if cpu else _cuda_args(config))
     args.update(config.options)
     if device == "cpu":
         check_seed_safe_on_cpu(args)
@@ -157,6 +161,7 @@ def _flag(name: str, value: Any) -> list[str]:
 
 def _common_args(config: EngineConfig) -> dict[str, Any]:
     reasoning = {"reasoning_parser": config.reasoning_parser} if config.reasoning_parser else {}
+    executor = config.distributed_executor_backend
     return {
         **reasoning,
         # a dict here: vllm.py turns it into vLLM's StructuredOutputsConfig
@@ -170,8 +175,7 @@ def _common_args(config: EngineConfig) -> dict[str, Any]:
         "pipeline_parallel_size": config.pipeline_parallel_size,
         "data_parallel_size": config.data_parallel_size,
         "data_parallel_backend": config.data_parallel_backend,
-        **({"distributed_executor_backend": config.distributed_executor_backend}
-           if config.distributed_executor_backend else {}),  # fmt: skip
+        **({"distributed_executor_backend": executor} if executor else {}),
         # Stats stay on: our stat logger and vLLM's own vllm:* Prometheus series need them.
         "disable_log_stats": False,
     }
@@ -186,9 +190,12 @@ def _structured_outputs(config: EngineConfig) -> dict[str, Any]:
 
 # On CPU, `dtype: auto` keeps the checkpoint's bfloat16 only where the CPU computes bfloat16
 # natively (AVX-512 BF16 or AMX on x86, BF16 on Arm); elsewhere bfloat16 runs 3.5x slower than
-# float32 (measured: docs/engine.md, "CPU notes"), so a model whose float32 weights fit this
-# size runs in float32.
+# float32 (measured: docs/engine.md, "CPU notes"), so a model whose float32 weights fit the
+# memory budget runs in float32: the weights in float32 plus the KV cache within
+# FLOAT32_MEMORY_SHARE of the memory available at start-up (CPU_FLOAT32_MAX_BYTES of weights
+# where that cannot be read).
 CPU_FLOAT32_MAX_BYTES = 4 * 1024**3
+FLOAT32_MEMORY_SHARE = 0.6
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 _BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2, "float": 4, "half": 2}
 
@@ -197,22 +204,47 @@ _BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2, "float": 4, "half
 class DtypeChoice:
     dtype: str  # what vLLM gets ("auto": the checkpoint's own)
     reason: str  # for the start-up log and `llmserve check`
+    slow: bool = False  # a choice known to run several times slower than it could
 
 
-def cpu_dtype(config: EngineConfig, cpu_flags: Collection[str]) -> DtypeChoice:
-    """The dtype to run on CPU: what the config says; for `auto`, see NATIVE_BF16_FLAGS."""
+def cpu_dtype(
+    config: EngineConfig, cpu_flags: Collection[str], mem_available: int | None = None
+) -> DtypeChoice:
+    """The dtype to run on CPU: what the config says; for `auto`, see NATIVE_BF16_FLAGS.
+    `mem_available`: bytes of memory available (MemAvailable), None where unknown."""
     if config.dtype != "auto":
         return DtypeChoice(config.dtype, "set in engine.dtype")
     if NATIVE_BF16_FLAGS & set(cpu_flags):
         return DtypeChoice("auto", "the CPU computes bfloat16 natively: the checkpoint's dtype")
     weights = _float32_weight_bytes(Path(config.model))
-    if weights is not None and weights <= CPU_FLOAT32_MAX_BYTES:
+    if weights is not None and _float32_fits(weights, config, mem_available):
         return DtypeChoice("float32", "no native bfloat16 on this CPU (3.5x slower there)")
     return DtypeChoice(
         "auto",
         "no native bfloat16 on this CPU, but the weights are too large (or unknown) for "
-        "float32: the checkpoint's dtype, which may run 3.5x slower than float32",
+        "float32: the checkpoint's dtype, which may run 3.5x slower than float32 (set "
+        "engine.dtype: float32 if the memory allows)",
+        slow=True,
     )
+
+
+def _float32_fits(weights: int, config: EngineConfig, mem_available: int | None) -> bool:
+    if mem_available is None:
+        return weights <= CPU_FLOAT32_MAX_BYTES
+    return weights + int(config.cpu_kv_cache_bytes) <= FLOAT32_MEMORY_SHARE * mem_available
+
+
+def read_mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of memory available for new work (Linux MemAvailable); None where unreadable."""
+    try:
+        text = meminfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable" and value.split():
+            return int(value.split()[0]) * 1024  # kB
+    return None
 
 
 def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -242,9 +274,11 @@ def _float32_weight_bytes(model_dir: Path) -> int | None:
     return on_disk * 4 // per_param
 
 
-def _cpu_args(config: EngineConfig, cpu_flags: Collection[str]) -> dict[str, Any]:
+def _cpu_args(
+    config: EngineConfig, cpu_flags: Collection[str], mem_available: int | None
+) -> dict[str, Any]:
     return {
-        "dtype": cpu_dtype(config, cpu_flags).dtype,
+        "dtype": cpu_dtype(config, cpu_flags, mem_available).dtype,
         "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
         "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
         "distributed_executor_backend": config.distributed_executor_backend or "uni",

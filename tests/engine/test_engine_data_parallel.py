@@ -88,7 +88,7 @@ async def test_when_one_rank_dies_every_stream_ends_with_an_error_and_the_engine
             try:
                 async for delta in engine.generate(prompt, options, f"dies-{i}"):
                     tokens += delta.num_tokens
-            except EngineError as exc:  # EngineUnavailable is one too
+            except EngineError:  # EngineUnavailable is one too
                 return f"error after {tokens}"
             return f"complete with {tokens}"
 
