@@ -166,8 +166,9 @@ class EngineConfig(Section):
         "auto",
         description="Weights dtype passed to vLLM (auto, float32, bfloat16, ...). `auto` on CPU "
         "keeps the checkpoint's bfloat16 where the CPU computes it natively (AVX-512 BF16, AMX, "
-        "Arm BF16), else runs models of up to 4 GiB (in float32) in float32, 3.5x faster there; "
-        "on GPU it is vLLM's `auto`. `llmserve check` and the start-up log say what it chose.",
+        "Arm BF16), else float32 (3.5x faster there) when the float32 weights and the KV cache "
+        "fit 60% of the memory available, else the checkpoint's dtype with a warning; on GPU "
+        "it is vLLM's `auto`. `llmserve check` and the start-up log say what it chose.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM TP).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (vLLM PP).")
@@ -325,6 +326,12 @@ class TierConfig(Section):
         None, ge=1, description="max_tokens reserved (and enforced) when a request sets none."
     )
     priority: int = Field(0, description="Higher is served first by the admission queue.")
+    ttft_slo_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Time to first token this tier is promised (default: "
+        "queue.ttft_slo_seconds); see there.",
+    )
 
 
 class LimitsConfig(Section):
@@ -372,6 +379,22 @@ class QueueConfig(Section):
     )
     default_timeout_seconds: float | None = Field(
         None, gt=0, description="Deadline of a request without an X-Request-Timeout header."
+    )
+    ttft_slo_seconds: float | None = Field(
+        10.0,
+        gt=0,
+        description="Time to first token promised to every tier that sets none: a request "
+        "that would wait is admitted only if its predicted wait plus prefill fits this (and "
+        "its deadline), else it gets 503 at once, with Retry-After; one still waiting when "
+        "its first token could no longer come in time leaves with 503. null: no objective.",
+    )
+    reserved_share: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="With tiers of different priorities, this share of the engine slots and "
+        "queue places is kept for the highest-priority tier while it is in use (a request "
+        "of it in the last minute): a lower tier flooding the server cannot fill them.",
     )
 
 

@@ -51,6 +51,8 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 
                60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                       20.0, 30.0, 60.0)
+PREDICTION_ERROR_BUCKETS = (-30.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0, 2.0,
+                            5.0, 10.0, 30.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
                     0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -343,6 +345,19 @@ class Metrics:
             (),
             QUEUE_WAIT_BUCKETS,
         )
+        self.predicted_wait = h(
+            "llmserve_queue_predicted_wait_seconds",
+            "What admission predicted, at the door, a request that then waited would wait.",
+            (),
+            QUEUE_WAIT_BUCKETS,
+        )
+        self.prediction_error = h(
+            "llmserve_queue_wait_prediction_error_seconds",
+            "The wait a request really had minus the wait predicted for it (negative: "
+            "it started sooner than predicted).",
+            (),
+            PREDICTION_ERROR_BUCKETS,
+        )
         self.overhead = h(
             "llmserve_gateway_overhead_seconds",
             "Time a generation request spent in the gateway (not queued, not in the engine).",
@@ -433,7 +448,7 @@ class Metrics:
 
     def admission_observer(self) -> AdmissionObserver:
         """The admission queue's observer: counts its refusals by reason."""
-        return _QueueObserver(self.queue_rejections)
+        return _QueueObserver(self.queue_rejections, self.predicted_wait, self.prediction_error)
 
     def observe_gc_pause(self, generation: int, seconds: float) -> None:
         """One garbage-collector pass (server/heap.py's PauseRecorder calls this)."""
@@ -496,7 +511,8 @@ class Metrics:
                 self.queue_rejections)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
-        return (self.ttft, self.itl, self.e2e, self.queue_wait, self.overhead, self.gc_pause)
+        return (self.ttft, self.itl, self.e2e, self.queue_wait, self.predicted_wait,
+                self.prediction_error, self.overhead, self.gc_pause)  # fmt: skip
 
     def _gauge_families(self, describe: bool) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -611,8 +627,15 @@ class _QueueObserver:
     """AdmissionObserver feeding llmserve_queue_rejections_total (admissions and releases are
     already measured per request: llmserve_queue_wait_seconds, the latency histograms)."""
 
-    def __init__(self, rejections: LabelledCounter) -> None:
+    def __init__(
+        self,
+        rejections: LabelledCounter,
+        predicted: LabelledHistogram,
+        error: LabelledHistogram,
+    ) -> None:
         self._rejections = rejections
+        self._predicted = predicted
+        self._error = error
 
     def admitted(self, priority: int, wait_seconds: float) -> None:
         pass
@@ -622,3 +645,7 @@ class _QueueObserver:
 
     def released(self, priority: int, held_seconds: float) -> None:
         pass
+
+    def predicted(self, priority: int, predicted_seconds: float, waited_seconds: float) -> None:
+        self._predicted.child().observe(predicted_seconds)
+        self._error.child().observe(waited_seconds - predicted_seconds)

@@ -94,7 +94,10 @@ async def test_500_clients_with_waits_longer_than_the_queue_allows():
     outcomes = Counter(await asyncio.wait_for(asyncio.gather(*clients), timeout=30))
 
     assert sum(outcomes.values()) == CLIENTS
-    assert set(outcomes) == {"completed", "server_overloaded", "queue_timeout", "deadline"}
+    # a deadline the queue predicts cannot be met is refused at the door (server_overloaded);
+    # one it could not foresee still ends as a deadline while waiting
+    assert {"completed", "server_overloaded", "queue_timeout"} <= set(outcomes)
+    assert set(outcomes) <= {"completed", "server_overloaded", "queue_timeout", "deadline"}
     assert running[1] == MAX_CONCURRENCY
     assert (queue.in_flight, queue.depth, queue.queued_tokens) == (0, 0, 0)
     assert not queue._expiries

@@ -45,6 +45,9 @@ class BoundsChecker:
     def released(self, priority: int, held_seconds: float) -> None:
         self.check()
 
+    def predicted(self, priority: int, predicted_seconds: float, waited_seconds: float) -> None:
+        assert predicted_seconds > 0 and waited_seconds >= 0
+
 
 async def one_request(queue, clock, rng, running: list[int]) -> str:
     deadline = clock() + rng.uniform(0.1, 1.0) if rng.random() < 0.3 else None

@@ -175,3 +175,39 @@ async def test_json_responses_carry_the_queue_wait(app_client, config):
     resp = await client.post("/v1/chat/completions", json=chat_body(max_tokens=1))
     assert resp.status == 200
     assert int(resp.headers["X-Queue-Wait-Ms"]) >= 0
+
+
+async def test_a_request_refused_for_its_ttft_objective_is_answered_at_once_and_never_charged(
+    app_client, tmp_path
+):
+    from llmserve.limits import Limiter, store_from_url
+
+    config = make_config(
+        tmp_path,
+        queue={"ttft_slo_seconds": 0.5},
+        limits={"state_dir": str(tmp_path / "limits"), "default_tier": "t",
+                "tiers": {"t": {"requests_per_minute": 100, "tokens_per_day": 100_000}}},
+    )  # fmt: skip
+    engine = FakeEngine("fake", 256, tokens_per_second=10)
+    limiter = Limiter(config.limits, store_from_url("memory://"))
+    client = await app_client(config, engine, admission=AdmissionQueue(1, 8, 30),
+                              limiter=limiter)  # fmt: skip
+    running = asyncio.ensure_future(
+        client.post("/v1/chat/completions", json=chat_body(max_tokens=10))
+    )
+    while engine.running == 0:
+        await asyncio.sleep(0.01)
+    before = {w.name: w.used for w in await limiter.usage("anonymous", "t", {})}
+    started = time.monotonic()
+    refused = await client.post("/v1/chat/completions", json=chat_body(max_tokens=5))
+    took = time.monotonic() - started
+    assert refused.status == 503
+    body = await refused.json()
+    assert body["error"]["code"] == "server_overloaded"
+    assert "time to first token" in body["error"]["message"]
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert took < 0.5  # at once, not after waiting
+    after = {w.name: w.used for w in await limiter.usage("anonymous", "t", {})}
+    assert after == before  # not a token, not a request
+    assert len(engine.calls) == 1  # it never reached the engine
+    assert (await running).status == 200

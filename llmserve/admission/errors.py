@@ -25,9 +25,11 @@ def deadline_exceeded() -> DeadlineExceeded:
     )
 
 
-def server_overloaded(retry_after: int) -> ServiceUnavailable:
+def server_overloaded(retry_after: int, why: str | None = None) -> ServiceUnavailable:
+    """503 at the door: the queue is full, or (`why`) the request could not start in time."""
+    reason = f"at capacity: {why}" if why else "at capacity and its queue is full"
     return ServiceUnavailable(
-        f"The server is at capacity and its queue is full; retry after {retry_after} s.",
+        f"The server is {reason}; retry after {retry_after} s.",
         code="server_overloaded",
         headers=retry_after_header(retry_after),
     )

@@ -66,11 +66,21 @@ class FairQueue(Generic[T]):
         self._after_removal(priority, members)
         return item
 
-    def pop(self) -> T:
-        """Take the next item by the fairness rule; IndexError when empty."""
-        if not self._size:
+    def counts(self) -> dict[int, int]:
+        """Waiters per priority class."""
+        return {p: len(members) for p, members in self._classes.items()}
+
+    def waiting_at_least(self, priority: int) -> int:
+        """Waiters of this priority or higher."""
+        return sum(len(m) for p, m in self._classes.items() if p >= priority)
+
+    def pop(self, min_priority: int | None = None) -> T:
+        """Take the next item by the fairness rule, among classes of at least `min_priority`
+        when given; IndexError when there is none."""
+        classes = [p for p in self._classes if min_priority is None or p >= min_priority]
+        if not classes:
             raise IndexError("pop from an empty FairQueue")
-        priority = min(self._classes, key=lambda p: (self._passes[p], -p))
+        priority = min(classes, key=lambda p: (self._passes[p], -p))
         members = self._classes[priority]
         _, item = members.popitem(last=False)
         self._vtime = self._passes[priority]

@@ -15,6 +15,7 @@ RejectReason = Literal[
     "deadline",  # the client's X-Request-Timeout passed while queued (504 deadline_exceeded)
     "cancelled",  # the client went away (or the caller released the ticket) while queued
     "shutting_down",  # the queue was closed (503 shutting_down)
+    "slo",  # could not start within its time-to-first-token objective (503 server_overloaded)
 ]
 
 
@@ -28,6 +29,10 @@ class AdmissionObserver(Protocol):
     def released(self, priority: int, held_seconds: float) -> None:
         """A request gave its slot back after holding it `held_seconds`."""
 
+    def predicted(self, priority: int, predicted_seconds: float, waited_seconds: float) -> None:
+        """A request that waited got its slot: what the queue predicted at the door, and the
+        wait it really had."""
+
 
 class NullObserver:
     def admitted(self, priority: int, wait_seconds: float) -> None:
@@ -37,4 +42,7 @@ class NullObserver:
         pass
 
     def released(self, priority: int, held_seconds: float) -> None:
+        pass
+
+    def predicted(self, priority: int, predicted_seconds: float, waited_seconds: float) -> None:
         pass

@@ -19,15 +19,34 @@ class AdmissionTicket(Protocol):
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for the slot; raise the queue's 503/504 when it cannot be had."""
 
+    def first_token(self) -> None:
+        """The engine produced the first token (the queue learns prefill speed from it)."""
+
     def release(self) -> None:
         """Give the slot (or the place) back; idempotent."""
 
 
 class Admission(Protocol):
     def enqueue(
-        self, priority: int = 0, tokens: int = 0, deadline: float | None = None
+        self,
+        priority: int = 0,
+        tokens: int = 0,
+        deadline: float | None = None,
+        *,
+        prompt_tokens: int = 0,
+        ttft_slo: float | None = None,
     ) -> AdmissionTicket:
-        """Join the queue, or raise 503 (full, or too much queued work) at once."""
+        """Join the queue, or raise 503 at once: full, too much queued work, or a predicted
+        time to first token beyond `ttft_slo` (or the deadline)."""
+
+    def refuse_early(
+        self,
+        priority: int,
+        prompt_tokens: int,
+        deadline: float | None = None,
+        ttft_slo: float | None = None,
+    ) -> None:
+        """Raise the 503 `enqueue` would, before anything is charged for the request."""
 
     def close(self) -> None:
         """Shutting down: refuse newcomers, send the waiting away with 503 shutting_down."""

@@ -2,8 +2,22 @@
 
 A request takes a `Ticket` with `enqueue()`, awaits `ticket.wait()`, runs, and calls
 `ticket.release()` (or uses `async with queue.slot(...)`). Waiters are ordered by
-`fairness.FairQueue`. Expiry of waiters (max wait or the client's deadline) is driven by one
-timer for the earliest expiry, or by calling `expire()` with an injected clock in tests.
+`fairness.FairQueue`. Expiry of waiters (max wait, the client's deadline, or the time to first
+token it was promised) is driven by one timer for the earliest expiry, or by calling
+`expire()` with an injected clock in tests.
+
+Two rules keep the promise under overload:
+
+- **Refuse at once what cannot meet its objective.** A request that would wait joins only if
+  its predicted time to first token (predict.py: the wait for a slot, from the drain rate and
+  the requests ahead of it, plus its prefill) fits its `ttft_slo` and its deadline; otherwise
+  it gets 503 `server_overloaded` at the door, with a Retry-After from the same prediction.
+  A request that waits anyway past its objective (the prediction was wrong) is sent away then.
+- **Keep room for the top priority.** With `reserved_slots` / `reserved_places`, requests below
+  `top_priority` may not take the last slots or queue places while the top priority is in use
+  (a request of it came within RESERVE_ACTIVE_SECONDS): a flood of a lower tier cannot push
+  the top tier's requests behind it, and a server the top tier does not use keeps all its
+  capacity for the others.
 """
 
 from __future__ import annotations
@@ -24,6 +38,13 @@ from llmserve.admission.errors import (
 )
 from llmserve.admission.fairness import FairQueue, Weight, default_weight
 from llmserve.admission.observer import AdmissionObserver, NullObserver, RejectReason
+from llmserve.admission.predict import (
+    PRIOR_REQUEST_SECONDS,
+    Prediction,
+    PrefillModel,
+    requests_ahead,
+    wait_seconds,
+)
 from llmserve.admission.ticket import Slot, Ticket, TicketState
 from llmserve.errors import APIError, InternalError
 
@@ -32,9 +53,9 @@ if TYPE_CHECKING:
 
 Clock = Callable[[], float]
 
+# The room kept for the top priority is kept this long after its last request (idle: none).
+RESERVE_ACTIVE_SECONDS = 60.0
 
-# Before the queue has seen a request finish: how long one is assumed to hold its slot.
-PRIOR_REQUEST_SECONDS = 5.0
 
 class AdmissionQueue:
     def __init__(
@@ -49,10 +70,15 @@ class AdmissionQueue:
         weight: Weight = default_weight,
         drain_window_seconds: float = DEFAULT_WINDOW_SECONDS,
         auto_expire: bool = True,
+        top_priority: int = 0,
+        reserved_slots: int = 0,
+        reserved_places: int = 0,
     ) -> None:
         """`auto_expire=False` leaves expiry to explicit `expire()` calls (fake-clock tests)."""
         if max_concurrency < 1 or max_depth < 0 or max_wait_seconds <= 0:
             raise ValueError("need max_concurrency >= 1, max_depth >= 0, max_wait_seconds > 0")
+        if not 0 <= reserved_slots < max_concurrency or not 0 <= reserved_places <= max_depth:
+            raise ValueError("reserved slots and places must leave some for everyone")
         self.max_concurrency = max_concurrency
         self.max_depth = max_depth
         self.max_wait_seconds = max_wait_seconds
@@ -69,17 +95,34 @@ class AdmissionQueue:
         self._sequence = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
+        self._weight = weight
+        self._prefill = PrefillModel()
+        self.top_priority = top_priority
+        self.reserved_slots = reserved_slots
+        self.reserved_places = reserved_places
+        self._top_seen_at: float | None = None  # the last request of the top priority
 
     @classmethod
     def from_config(cls, config: Config, **options: object) -> AdmissionQueue:
-        """The queue the config describes; `options` are the keyword-only arguments above."""
+        """The queue the config describes; `options` are the keyword-only arguments above.
+
+        With tiers of different priorities, `queue.reserved_share` of the slots and queue
+        places are kept for the highest."""
         queue = config.queue
+        priorities = {tier.priority for tier in config.limits.tiers.values()}
+        share = queue.reserved_share if len(priorities) > 1 else 0.0
+        slots, depth = config.max_concurrency, queue.max_depth
+        reserve: dict[str, object] = {
+            "top_priority": max(priorities, default=0),
+            "reserved_slots": min(slots - 1, int(share * slots)),
+            "reserved_places": min(depth, int(share * depth)),
+        }
         return cls(
-            config.max_concurrency,
-            queue.max_depth,
+            slots,
+            depth,
             queue.max_wait_seconds,
             queue.max_queued_tokens,
-            **options,  # type: ignore[arg-type]
+            **{**reserve, **options},  # type: ignore[arg-type]
         )
 
     # -- state for metrics, heartbeats and tests ------------------------------------------
@@ -108,6 +151,31 @@ class AdmissionQueue:
         """Slot releases per second over the recent window; None before any."""
         return self._drain.per_second(self._clock())
 
+    def predict(self, priority: int, prompt_tokens: int) -> Prediction:
+        """Predicted wait and prefill of a request of `priority` joining now (predict.py)."""
+        if self._in_flight < self._slot_limit(priority) and not self._fair.waiting_at_least(
+            priority
+        ):
+            wait = 0.0
+        else:
+            weights = {p: self._weight(p) for p in {priority, *self._fair.counts()}}
+            ahead = requests_ahead(priority, self._fair.counts(), weights)
+            wait = wait_seconds(ahead, self.drain_rate(), self.max_concurrency)
+        return Prediction(wait, self._prefill.seconds(prompt_tokens))
+
+    def refuse_early(
+        self,
+        priority: int,
+        prompt_tokens: int,
+        deadline: float | None = None,
+        ttft_slo: float | None = None,
+    ) -> None:
+        """Raise, before the request is charged anything, the 503 that `enqueue` would give a
+        request whose predicted time to first token exceeds its objective."""
+        now = self._clock()
+        self._check_door(priority, deadline, now)
+        self._check_objective(priority, prompt_tokens, deadline, ttft_slo, now)
+
     def retry_after(self, completions_needed: int) -> int:
         """Retry-After (whole seconds, 1..max_wait) for `completions_needed` releases: from the
         measured drain rate, or before any completion from a prior of PRIOR_REQUEST_SECONDS per
@@ -119,29 +187,84 @@ class AdmissionQueue:
 
     # -- the request path --------------------------------------------------------------------
 
-    def enqueue(self, priority: int = 0, tokens: int = 0, deadline: float | None = None) -> Ticket:
+    def enqueue(
+        self,
+        priority: int = 0,
+        tokens: int = 0,
+        deadline: float | None = None,
+        *,
+        prompt_tokens: int = 0,
+        ttft_slo: float | None = None,
+    ) -> Ticket:
         """Take a ticket: admitted at once when a slot is free and nobody waits, else queued.
 
         Raises ServiceUnavailable (server_overloaded with Retry-After, or shutting_down) when
-        it cannot even wait, DeadlineExceeded when `deadline` (queue clock) has already passed.
+        it cannot even wait, or when its predicted time to first token exceeds `ttft_slo`
+        (seconds) or its deadline; DeadlineExceeded when `deadline` (queue clock) has passed.
         """
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         now = self._clock()
         self._check_door(priority, deadline, now)
+        if priority >= self.top_priority:
+            self._top_seen_at = now
         ticket = Ticket(self, priority, tokens, deadline, now)
-        if self._in_flight < self.max_concurrency and not self._fair:
+        ticket.prompt_tokens = prompt_tokens
+        if self._in_flight < self._slot_limit(priority) and not self._fair.waiting_at_least(
+            priority
+        ):
             self._admit(ticket, now)  # the fast path: no future, no timer, no yield
             return ticket
-        reason = self._refusal(tokens)
+        reason = self._refusal(tokens, priority)
         if reason is not None:
             self._observer.rejected(priority, reason, 0.0)
             raise server_overloaded(self.retry_after(self.depth + 1))
-        self._wait_in_line(ticket, now)
+        prediction = self._check_objective(priority, prompt_tokens, deadline, ttft_slo, now)
+        ticket.predicted_wait = prediction.wait_seconds
+        give_up = None if ttft_slo is None else now + ttft_slo - prediction.prefill_seconds
+        self._wait_in_line(ticket, now, give_up)
         return ticket
 
     def slot(self, priority: int = 0, tokens: int = 0, deadline: float | None = None) -> Slot:
         return Slot(self, priority, tokens, deadline)
+
+    def _check_objective(
+        self,
+        priority: int,
+        prompt_tokens: int,
+        deadline: float | None,
+        ttft_slo: float | None,
+        now: float,
+    ) -> Prediction:
+        prediction = self.predict(priority, prompt_tokens)
+        if prediction.wait_seconds <= 0:
+            return prediction  # a slot is free: nothing could do better
+        objective = ttft_slo
+        if deadline is not None:
+            objective = deadline - now if objective is None else min(objective, deadline - now)
+        if objective is not None and prediction.ttft_seconds > objective:
+            self._observer.rejected(priority, "slo", 0.0)
+            excess = prediction.ttft_seconds - objective
+            raise server_overloaded(
+                retry_after_seconds(excess, self.max_wait_seconds),
+                f"the predicted time to first token ({prediction.ttft_seconds:.1f}s) exceeds "
+                f"this request's objective ({objective:.1f}s)",
+            )
+        return prediction
+
+    def _reserving(self) -> bool:
+        """Room is kept for the top priority while it is in use."""
+        seen = self._top_seen_at
+        return seen is not None and self._clock() - seen < RESERVE_ACTIVE_SECONDS
+
+    def _slot_limit(self, priority: int) -> int:
+        """Slots a request of this priority may take: all of them for the top priority."""
+        if priority >= self.top_priority or not self._reserving():
+            return self.max_concurrency
+        return self.max_concurrency - self.reserved_slots
+
+    def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        self._prefill.observe(prompt_tokens, seconds)
 
     def expire(self, now: float | None = None) -> int:
         """Reject every waiter whose max wait or deadline has come; return how many."""
@@ -178,23 +301,28 @@ class AdmissionQueue:
             self._observer.rejected(priority, "deadline", 0.0)
             raise deadline_exceeded()
 
-    def _refusal(self, tokens: int) -> RejectReason | None:
+    def _refusal(self, tokens: int, priority: int) -> RejectReason | None:
         depth = len(self._fair)
         if depth >= self.max_depth:
             return "queue_full"
+        kept = self.reserved_places if self._reserving() else 0
+        if priority < self.top_priority and depth >= self.max_depth - kept:
+            return "queue_full"  # the last places are kept for the top priority
         budget = self.max_queued_tokens
         # An empty queue takes any one request, or one bigger than the budget could never wait.
         if budget is not None and depth and self._queued_tokens + tokens > budget:
             return "queue_tokens"
         return None
 
-    def _wait_in_line(self, ticket: Ticket, now: float) -> None:
+    def _wait_in_line(self, ticket: Ticket, now: float, give_up: float | None = None) -> None:
         ticket._future = asyncio.get_running_loop().create_future()
         self._fair.push(ticket.priority, ticket, ticket)
         self._queued_tokens += ticket.tokens
         due = now + self.max_wait_seconds
         if ticket.deadline is not None:
             due = min(due, ticket.deadline)
+        if give_up is not None:
+            due = max(now, min(due, give_up))
         heapq.heappush(self._expiries, (due, next(self._sequence), ticket))
         self._arm_timer()
 
@@ -202,11 +330,24 @@ class AdmissionQueue:
         ticket._state = TicketState.ADMITTED
         ticket.admitted_at = now
         self._in_flight += 1
-        self._observer.admitted(ticket.priority, now - ticket.enqueued_at)
+        waited = now - ticket.enqueued_at
+        self._observer.admitted(ticket.priority, waited)
+        if ticket.predicted_wait is not None:
+            self._observer.predicted(ticket.priority, ticket.predicted_wait, waited)
+
+    def _next_waiter(self) -> Ticket | None:
+        """The next waiter allowed a free slot: anyone while unreserved slots are free, else
+        only the top priority."""
+        if self._in_flight >= self.max_concurrency or not self._fair:
+            return None
+        if self._in_flight < self.max_concurrency - self.reserved_slots or not self._reserving():
+            return self._fair.pop()
+        if self._fair.waiting_at_least(self.top_priority):
+            return self._fair.pop(min_priority=self.top_priority)
+        return None
 
     def _admit_waiters(self, now: float) -> None:
-        while self._in_flight < self.max_concurrency and self._fair:
-            ticket = self._fair.pop()
+        while (ticket := self._next_waiter()) is not None:
             self._queued_tokens -= ticket.tokens
             future = ticket._future
             assert future is not None
@@ -239,8 +380,13 @@ class AdmissionQueue:
             self._reject(ticket, deadline_exceeded(), "deadline", now)
             return
         retry_after = self.retry_after(ticket.position)
-        error = queue_timeout(now - ticket.enqueued_at, retry_after)
-        self._reject(ticket, error, "queue_timeout", now)
+        waited = now - ticket.enqueued_at
+        if waited < self.max_wait_seconds:  # it gave up at its time-to-first-token objective
+            error = server_overloaded(retry_after, f"no slot came within {waited:.1f}s, too late "
+                                      "for this request's time-to-first-token objective")
+            self._reject(ticket, error, "slo", now)
+            return
+        self._reject(ticket, queue_timeout(waited, retry_after), "queue_timeout", now)
 
     def _reject(
         self, ticket: Ticket, error: APIError | None, reason: RejectReason, now: float

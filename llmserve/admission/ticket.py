@@ -31,7 +31,9 @@ class Ticket:
         "admitted_at",
         "deadline",
         "enqueued_at",
+        "predicted_wait",
         "priority",
+        "prompt_tokens",
         "tokens",
     )
 
@@ -47,6 +49,8 @@ class Ticket:
         self.deadline = deadline  # on the queue's clock; the caller also enforces it while running
         self.enqueued_at = now
         self.admitted_at: float | None = None
+        self.prompt_tokens = 0  # for the prefill model, once its first token comes
+        self.predicted_wait: float | None = None  # what the queue predicted at the door
 
     def __repr__(self) -> str:
         return f"<Ticket {self._state.value} priority={self.priority} tokens={self.tokens}>"
@@ -95,6 +99,12 @@ class Ticket:
         if self._error is not None:
             raise self._error
         return self._state is TicketState.ADMITTED
+
+    def first_token(self) -> None:
+        """The engine produced this request's first token: teaches the queue's prefill model
+        (seconds from admission to first token, against the prompt's length)."""
+        if self.admitted_at is not None and self._state is TicketState.ADMITTED:
+            self._queue._observe_prefill(self.prompt_tokens, self._queue.clock() - self.admitted_at)
 
     def release(self) -> None:
         """Give the slot back (or leave the queue). Idempotent; safe in any state."""

@@ -168,6 +168,8 @@ class GenerationPass:
         return self.gate.engine_priority(self.requested_priority)
 
     def on_tokens(self, num_tokens: int) -> None:
+        if not self.job.completion_tokens and num_tokens and self.job.ticket is not None:
+            self.job.ticket.first_token()
         self.job.completion_tokens += num_tokens
         self.gate.record_tokens(num_tokens)
 

@@ -228,7 +228,9 @@ class Gateway:
                 await self.settle(reservation, job)
 
     async def reserve(self, job: Job) -> Reservation | None:
-        """Reserve against the limits; a client gone mid-reservation gets its tokens back."""
+        """Reserve against the limits; a client gone mid-reservation gets its tokens back.
+        A request that could not start in time is refused first, uncharged."""
+        self.refuse_if_too_late(job)
         if self.limiter is None:
             return None
         p = job.principal
@@ -350,6 +352,8 @@ class Gateway:
                 if delta.num_tokens:
                     if last is None:
                         record.ttft_seconds = now - t0
+                        if job.ticket is not None:
+                            job.ticket.first_token()
                     else:
                         record.inter_token_seconds.append(now - last)
                     last = now
@@ -365,9 +369,22 @@ class Gateway:
         if self.admission is None:
             return None
         job.ticket = self.admission.enqueue(
-            job.options.priority, self._queue_cost(job), job.deadline
-        )
+            job.options.priority, self._queue_cost(job), job.deadline,
+            prompt_tokens=job.prompt.num_tokens, ttft_slo=self._ttft_slo(job),
+        )  # fmt: skip
         return job.ticket
+
+    def _ttft_slo(self, job: Job) -> float | None:
+        tier = self.config.limits.tiers.get(job.tier) if job.tier else None
+        own = tier.ttft_slo_seconds if tier is not None else None
+        return own or self.config.queue.ttft_slo_seconds
+
+    def refuse_if_too_late(self, job: Job) -> None:
+        """503 at once, before anything is charged, for a request whose predicted time to
+        first token exceeds its tier's objective or its deadline (admission/queue.py)."""
+        if self.admission is not None:
+            self.admission.refuse_early(job.options.priority, job.prompt.num_tokens,
+                                        job.deadline, self._ttft_slo(job))  # fmt: skip
 
     async def wait_for_slot(
         self, request: web.Request, ticket: AdmissionTicket, sse: SSEStream | None
