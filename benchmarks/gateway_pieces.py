@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from llmserve.admission import AdmissionQueue
+from llmserve.api.body import JSONLimits, parse_json_object
 from llmserve.api.schemas import ChatCompletionRequest, parse_request
 from llmserve.config import Config
 from llmserve.engine.fake import FakeEngine
@@ -52,10 +53,15 @@ async def main():
             }
         }
     )
-    t("parse_request", lambda: parse_request(ChatCompletionRequest, body))
+    limits = JSONLimits()
+    t("parse_json_object", lambda: parse_json_object(body, limits))
+    t(
+        "parse + parse_request",
+        lambda: parse_request(ChatCompletionRequest, parse_json_object(body, limits)),
+    )
     eng = FakeEngine("fake", 4096)
     await eng.start()
-    req = parse_request(ChatCompletionRequest, body)
+    req = parse_request(ChatCompletionRequest, parse_json_object(body, limits))
     await ta("render_chat", lambda: eng.render_chat(req.messages))
     lim = Limiter(cfg.limits, store_from_url("memory://", tmp / "l"))
 

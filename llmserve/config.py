@@ -91,6 +91,48 @@ class ServerConfig(Section):
         description="A request body must arrive within this long once its headers have "
         "(408 after it); a client that declares a body and sends part of it holds nothing.",
     )
+    header_read_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this long of the "
+        "connection opening (its first request) or of their first byte (a later request on a "
+        "keep-alive connection); then the connection is closed, with a 408 if part of a "
+        "request came. An idle keep-alive connection is not timed by this.",
+    )
+    max_messages: int = Field(
+        2048,
+        ge=1,
+        description="Most chat `messages` (and Responses `input` items) one request may hold "
+        "(400 `array_above_max_length` above).",
+    )
+    max_prompts: int = Field(
+        1024,
+        ge=1,
+        description="Most prompts in one /v1/completions or /tokenize batch (`prompt` as a "
+        "list; a list of token ids is one prompt); 400 `array_above_max_length` above.",
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=2,
+        le=128,
+        description="Deepest nesting of arrays and objects in a request body, the body "
+        "itself being level 1 (400 `request_too_complex` deeper).",
+    )
+    max_json_values: int = Field(
+        262144,
+        ge=16,
+        description="Most values (array items and object members, at every level) in one "
+        "request body (400 `request_too_complex` above): bounds what validating one request "
+        "can cost. A prompt of token ids holds one value per token: the default leaves room "
+        "for the longest contexts vLLM serves.",
+    )
+    json_thread_bytes: ByteSize = Field(
+        ByteSize(64 * 1024),
+        ge=0,
+        description="Request bodies larger than this are parsed and checked on one worker "
+        "thread instead of the event loop, so that a few huge bodies wait for each other, "
+        "not every other request (set it to `max_body_bytes` to parse all on the loop).",
+    )
     stall_timeout_seconds: float = Field(
         60.0,
         gt=0,

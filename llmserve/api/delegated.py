@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -50,19 +50,13 @@ async def delegate(
     gateway: Gateway,
     principal: Principal,
     route: FrontendRoute,
-    raw: bytes,
+    body: dict[str, Any],
     not_native: InvalidRequest | None = None,
 ) -> web.StreamResponse:
-    """Answer the request through the engine's frontend; without one, `not_native` is the 400."""
-    frontend = gateway.engine.frontend
-    if frontend is None:
-        if not_native is not None:
-            raise not_native
-        raise InvalidRequest(
-            f"This route is not available with engine.kind {gateway.config.engine.kind!r}.",
-            code="unsupported_route",
-        )
-    body = _json_object(raw)
+    """Answer the request through the engine's frontend; without one, `not_native` is the 400.
+    `body` is the parsed request (api/body.py: parsed once, its shape bounded); it is changed
+    here (fields stripped, defaults added) before the frontend validates it."""
+    frontend = frontend_of(gateway, not_native)
     record = request[RECORD]
     model = body.get("model")
     if model is None and route in ("tokenize", "detokenize"):
@@ -84,6 +78,21 @@ async def delegate(
         return await _json(request, gateway, frontend, route, body, gate)
     finally:
         await gate.close()
+
+
+def frontend_of(gateway: Gateway, not_native: InvalidRequest | None = None) -> OpenAIFrontend:
+    """The engine's frontend; without one, `not_native` (or the route's own 400) is raised."""
+    frontend = gateway.engine.frontend
+    if frontend is None:
+        if not_native is not None:
+            # a copy: raised itself, it would hold this frame, which holds it, in its traceback,
+            # a reference cycle that keeps the request's parsed body until a garbage collection
+            raise copy.copy(not_native).with_traceback(None)
+        raise InvalidRequest(
+            f"This route is not available with engine.kind {gateway.config.engine.kind!r}.",
+            code="unsupported_route",
+        )
+    return frontend
 
 
 def _prepare_body(
@@ -228,15 +237,3 @@ def _deadline(request: web.Request, gateway: Gateway) -> float | None:
         gateway.config.queue.default_timeout_seconds,
         asyncio.get_running_loop().time(),
     )
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(
-            f"We could not parse the JSON body of your request: {exc}.", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return body

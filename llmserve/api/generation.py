@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from typing import Any
 
 from aiohttp import web
 
 from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.api import objects
-from llmserve.api.body import read_json_body
-from llmserve.api.delegated import delegate
+from llmserve.api.body import JSONLimits, parse_json_body, read_json_body
+from llmserve.api.delegated import delegate, frontend_of
 from llmserve.api.gateway import Gateway, Job
 from llmserve.api.schemas import (
     ChatCompletionRequest,
@@ -56,7 +57,10 @@ async def _delegated(request: web.Request, route: FrontendRoute) -> web.StreamRe
     gateway, principal = await _begin(request)
 
     async def work() -> web.StreamResponse:
-        return await delegate(request, gateway, principal, route, await _body(request, gateway))
+        raw = await _body(request, gateway)
+        frontend_of(gateway)  # without one, the route's 400 comes before any parsing
+        body = await _parse(raw, gateway)
+        return await delegate(request, gateway, principal, route, body)
 
     return await _counting_refusals(request, gateway, principal, work())
 
@@ -82,13 +86,13 @@ async def _counting_refusals(
 
 
 async def _chat(request: web.Request, gateway: Gateway, principal: Principal) -> web.StreamResponse:
-    raw = await _body(request, gateway)
+    body = await _parse(await _body(request, gateway), gateway)
     if gateway.config.engine.reasoning_parser and gateway.engine.frontend is not None:
-        return await delegate(request, gateway, principal, "chat", raw)
+        return await delegate(request, gateway, principal, "chat", body)
     try:
-        params = parse_request(ChatCompletionRequest, raw)
-    except NotNative as exc:
-        return await delegate(request, gateway, principal, "chat", raw, exc)
+        params = parse_request(ChatCompletionRequest, body)
+    except NotNative as exc:  # the body parsed once serves the engine's frontend too
+        return await delegate(request, gateway, principal, "chat", body, exc)
     gateway.check_model(params.model, principal)
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_chat(params.messages)
@@ -98,11 +102,11 @@ async def _chat(request: web.Request, gateway: Gateway, principal: Principal) ->
 async def _completions(
     request: web.Request, gateway: Gateway, principal: Principal
 ) -> web.StreamResponse:
-    raw = await _body(request, gateway)
+    body = await _parse(await _body(request, gateway), gateway)
     try:
-        params = parse_request(CompletionRequest, raw)
+        params = parse_request(CompletionRequest, body)
     except NotNative as exc:
-        return await delegate(request, gateway, principal, "completions", raw, exc)
+        return await delegate(request, gateway, principal, "completions", body, exc)
     gateway.check_model(params.model, principal)
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_completion(params.prompt_text)
@@ -125,6 +129,10 @@ async def _body(request: web.Request, gateway: Gateway) -> bytes:
     return await read_json_body(
         request, int(server.max_body_bytes), server.body_read_timeout_seconds
     )
+
+
+async def _parse(raw: bytes, gateway: Gateway) -> dict[str, Any]:
+    return await parse_json_body(raw, JSONLimits.of(gateway.config.server))
 
 
 def _note_model(request: web.Request, model: str) -> None:

@@ -59,9 +59,10 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     top_k: int | None = Field(None, ge=-1)
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_sequences(cls, value: str | list[str] | None) -> str | list[str] | None:
+    def _stop_sequences(cls, value: Any) -> Any:
+        # before the items' types are checked: a list of a million wrong items is one error
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return value
@@ -114,9 +115,13 @@ class ChatCompletionRequest(_Common):
     store: Any = None
     metadata: Any = None
 
-    @field_validator("messages")
+    @field_validator("messages", mode="before")
     @classmethod
-    def _messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _messages(cls, messages: Any) -> Any:
+        # each message checked once, by hand, and the first bad one is the error (pydantic
+        # would first build one error per bad item: seconds for a body of two million)
+        if not isinstance(messages, list):
+            return messages  # pydantic's own type error
         return [_normalize_message(i, m) for i, m in enumerate(messages)]
 
     @model_validator(mode="after")
@@ -137,10 +142,11 @@ class CompletionRequest(_Common):
     best_of: Any = None
     logit_bias: Any = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
+    def _one_prompt(cls, prompt: Any) -> Any:
+        # before the items' types are checked; a batch or token ids are the engine's to answer
+        if isinstance(prompt, list) and (len(prompt) != 1 or not isinstance(prompt[0], str)):
             raise NotNative(
                 "Invalid value for 'prompt': exactly one prompt string is supported per request.",
                 param="prompt",
@@ -224,10 +230,11 @@ def _content_text(where: str, content: Any) -> str:
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
-def parse_request(model: type[RequestT], body: bytes) -> RequestT:
-    """Validate a JSON body against a request model, turning pydantic's errors into a 400."""
+def parse_request(model: type[RequestT], body: dict[str, Any]) -> RequestT:
+    """Validate a parsed JSON body (api/body.py) against a request model, turning pydantic's
+    errors into a 400. `body` is left as it was: the engine's frontend may get it next."""
     try:
-        return model.model_validate_json(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise _as_invalid_request(exc) from None
 
@@ -236,12 +243,6 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
     err = exc.errors(include_url=False)[0]
     kind = err["type"]
     param = _param_name(err["loc"])
-    if kind == "json_invalid":
-        return InvalidRequest(
-            "We could not parse the JSON body of your request: "
-            f"{err.get('ctx', {}).get('error', 'invalid JSON')}.",
-            code="invalid_json",
-        )
     if kind in ("model_type", "model_attributes_type") and not err["loc"]:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     if kind == "extra_forbidden":

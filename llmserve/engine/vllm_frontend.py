@@ -296,12 +296,23 @@ def api_error(status: int, message: str, param: str | None = None) -> APIError:
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
-    err = exc.errors(include_url=False)[0]
+    err = first_error(exc)
     where = ".".join(str(part) for part in err["loc"] if not _is_union_branch(part))
     message = err["msg"].removeprefix("Value error, ")
     if where:
         return InvalidRequest(f"Invalid value for '{where}': {message}.", param=where)
     return InvalidRequest(f"Invalid request: {message}.")
+
+
+def first_error(exc: ValidationError) -> dict[str, Any]:
+    """The first of `exc`'s errors (its type, loc and msg). `errors()` builds a dict per error,
+    a third of a second for the 65,536 a request body may hold (server.max_json_values); their
+    JSON text is built ten times faster, and only its first item is decoded."""
+    if exc.error_count() <= 64:
+        return dict(exc.errors(include_url=False)[0])
+    text = exc.json(include_url=False, include_context=False, include_input=False)
+    first: dict[str, Any] = json.JSONDecoder().raw_decode(text, 1)[0]
+    return first
 
 
 def _is_union_branch(part: Any) -> bool:

@@ -33,7 +33,11 @@ async def serve(config: Config) -> int:
     if config.server.gc_collect_seconds > 0:
         components.app.cleanup_ctx.append(_collecting(config.server.gc_collect_seconds))
     runner = AppRunner(
-        components.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        components.app,
+        header_read_timeout=config.server.header_read_timeout_seconds,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     components.app[ENGINE_START].add_done_callback(
@@ -86,7 +90,11 @@ async def _start_sites(
     for address in _addresses(runner):
         log.info("listening on http://%s:%s", *address[:2])
     if components.admin_app is not None and config.server.admin_port is not None:
-        admin_runner = AppRunner(components.admin_app, access_log=None)
+        admin_runner = AppRunner(
+            components.admin_app,
+            header_read_timeout=config.server.header_read_timeout_seconds,
+            access_log=None,
+        )
         await admin_runner.setup()
         try:
             await web.TCPSite(admin_runner, "127.0.0.1", config.server.admin_port).start()
