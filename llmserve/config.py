@@ -99,6 +99,12 @@ class ServerConfig(Section):
         "keep-alive connection); then the connection is closed, with a 408 if part of a "
         "request came. An idle keep-alive connection is not timed by this.",
     )
+    keepalive_timeout_seconds: float = Field(
+        75.0,
+        gt=0,
+        description="An idle keep-alive connection (no request in progress) is closed after "
+        "this long (nginx's default; aiohttp's own is an hour).",
+    )
     max_messages: int = Field(
         2048,
         ge=1,

@@ -20,6 +20,7 @@ from llmserve.server.http import holds_partial_request
 from tests.support.process import ServerProcess, llmserve_up
 
 TIMEOUT = 1.0
+KEEPALIVE = 3.0
 STALLED = 200
 TRICKLING = 10
 HEAD = b"GET /health HTTP/1.1\r\nHost: x\r\n"
@@ -33,7 +34,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         "auth": {"enabled": False},
         "limits": {"state_dir": str(tmp_path / "limits")},
         "usage": {"ledger": str(tmp_path / "usage.jsonl")},
-        "server": {"header_read_timeout_seconds": TIMEOUT},
+        "server": {"header_read_timeout_seconds": TIMEOUT,
+                   "keepalive_timeout_seconds": KEEPALIVE},
     }
     with llmserve_up(tmp_path, config) as running:
         yield running
@@ -196,6 +198,17 @@ def test_an_idle_keep_alive_connection_is_served_after_the_limit(server):
         sock.sendall(b"\r\n")
         (third,) = _responses(sock, 1)
     assert [_status(r) for r in (first, second, third)] == [b"HTTP/1.1 200 OK"] * 3
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(server):
+    with _connect(server) as sock:
+        sock.sendall(HEAD + b"\r\n")
+        (reply,) = _responses(sock, 1)
+        idle_since = time.monotonic()
+        assert _read_to_close(sock, timeout=KEEPALIVE * 3) == b""
+        idle = time.monotonic() - idle_since
+    assert _status(reply) == b"HTTP/1.1 200 OK"
+    assert KEEPALIVE * 0.9 < idle < KEEPALIVE * 2.5, idle
 
 
 def test_a_later_request_on_a_keep_alive_connection_is_timed_from_its_first_byte(server):

@@ -35,6 +35,7 @@ async def serve(config: Config) -> int:
     runner = AppRunner(
         components.app,
         header_read_timeout=config.server.header_read_timeout_seconds,
+        keepalive_timeout=config.server.keepalive_timeout_seconds,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=1.0,
@@ -93,6 +94,7 @@ async def _start_sites(
         admin_runner = AppRunner(
             components.admin_app,
             header_read_timeout=config.server.header_read_timeout_seconds,
+            keepalive_timeout=config.server.keepalive_timeout_seconds,
             access_log=None,
         )
         await admin_runner.setup()
