@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -335,6 +336,13 @@ class JwtConfig(Section):
         description="Tiers a token may claim (unset: any configured tier); bounds what an "
         "identity provider that lets users edit their claims can hand out.",
     )
+    max_lifetime_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Longest token lifetime accepted (`exp` - `iat`; `iat` then required); "
+        "unset: any. Also how long `llmserve keys jwt-revoke` keeps a revocation by default "
+        "(30 days when unset).",
+    )
 
     @model_validator(mode="after")
     def _one_algorithm_family(self) -> JwtConfig:
@@ -355,11 +363,45 @@ class JwtConfig(Section):
 
 class AuthConfig(Section):
     enabled: bool = Field(True, description="Require a principal on every route but /health.")
-    keys: Path = Field(Path(".llmserve/keys"), description="Directory of the API key store.")
+    keys: str | Path = Field(
+        Path(".llmserve/keys"),
+        description="Where API keys and JWT revocations are kept: a directory (one machine), "
+        "or `redis://host:6379/0` (also `rediss://`, `unix://`; options as `limits.store`, "
+        "plus `key_prefix`) shared by every replica. See docs/auth.md.",
+    )
     cache_seconds: float = Field(
-        0.5, ge=0, le=1, description="How long an auth decision is cached in process (<= 1 s)."
+        0.5,
+        ge=0,
+        le=1,
+        description="How long an auth decision is cached in process (<= 1 s): bounds how long "
+        "a replica accepts a key or JWT revoked through another replica or the CLI.",
+    )
+    stale_if_error_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Key store unreachable (Redis down): a credential this replica decided "
+        "within this long keeps that decision; any other gets 503 `auth_unavailable` with "
+        "Retry-After (never a 401). 0: only decisions still within `cache_seconds`.",
     )
     jwt: JwtConfig | None = Field(None, description="Accept JWTs as well as API keys.")
+
+    @field_validator("keys")
+    @classmethod
+    def _known_key_store(cls, value: str | Path) -> str | Path:
+        from llmserve.auth.store_url import check_key_store_url
+
+        try:
+            check_key_store_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class ShadowLimits(Section):
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Tokens per minute.")
+    tokens_per_day: int | None = Field(None, ge=1, description="Tokens per UTC day.")
+    tokens_per_month: int | None = Field(None, ge=1, description="Tokens per UTC month.")
 
 
 class TierConfig(Section):
@@ -379,6 +421,12 @@ class TierConfig(Section):
         gt=0,
         description="Time to first token this tier is promised (default: "
         "queue.ttft_slo_seconds); see there.",
+    )
+    shadow: ShadowLimits | None = Field(
+        None,
+        description="Limits counted but never enforced: a request they would refuse is "
+        "served, and counted in llmserve_limit_shadow_refusals_total{tier,window} and its "
+        "ledger line's `shadow_refused`. To try a tighter tier on real traffic first.",
     )
 
 
@@ -583,7 +631,9 @@ def _describe_error(err: Any, source: str) -> str:
         return f"{source}: {dotted}: required setting is missing"
     message = err["msg"].replace("Input should be", "expected").replace("Value error, ", "")
     got = err.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, dict | list) and got is not None else ""
+    shown = ""
+    if not isinstance(got, dict | list) and got is not None:
+        shown = f" (got {mask_tree(got)!r})"  # a URL's password never appears
     return f"{source}: {dotted}: {message}{shown}"
 
 

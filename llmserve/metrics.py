@@ -308,6 +308,12 @@ class Metrics:
             "full, or still held some at shutdown): usage then differs from the ledger.",
             (),
         )
+        self.shadow_refusals = c(
+            "llmserve_limit_shadow_refusals",
+            "Requests a tier's shadow limits would have refused (served anyway: shadow limits "
+            "are counted, never enforced), by tier and window.",
+            ("tier", "window"),
+        )
         self.settlements_deferred = c(
             "llmserve_limiter_settlements_deferred",
             "Settlements the store could not take at once (down, slow): kept and sent again "
@@ -496,6 +502,8 @@ class Metrics:
             self.unavailable.values[()] = float(stats.rejected_unavailable)
             self.settlements_lost.values[()] = float(stats.settlements_lost)
             self.settlements_deferred.values[()] = float(stats.settlements_deferred)
+            for key, count in stats.shadow_refusals.items():
+                self.shadow_refusals.values[key] = float(count)
 
     def _families(self, describe: bool) -> Iterator[Metric]:
         for counter in self._counters():
@@ -508,7 +516,7 @@ class Metrics:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
                 self.rate_limited, self.disconnects, self.store_errors, self.unchecked,
                 self.unavailable, self.settlements_lost, self.settlements_deferred,
-                self.queue_rejections)  # fmt: skip
+                self.shadow_refusals, self.queue_rejections)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_wait, self.predicted_wait,

@@ -32,6 +32,7 @@ class RequestRecord:
     delivered: bool = False  # the whole response (a stream's last event) was handed to the socket
     admitted: bool = False  # passed the rate limiter (and so is usage, for the ledger)
     metadata: dict[str, str] | None = None  # the request's OpenAI `metadata` (bounded)
+    shadow_refused: str | None = None  # the tier's shadow window that would have refused it
 
     @property
     def overhead_seconds(self) -> float:

@@ -47,6 +47,7 @@ class UsageEntry:
     total_seconds: float
     disconnected: bool
     metadata: dict[str, str] | None = None  # the request's OpenAI `metadata`
+    shadow_refused: str | None = None  # the shadow window that would have refused it
 
     @property
     def total_tokens(self) -> int:
@@ -175,7 +176,7 @@ def _line(record: RequestRecord) -> bytes:
         "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
         "queue_wait_seconds": r.queue_wait_seconds, "ttft_seconds": r.ttft_seconds,
         "total_seconds": r.total_seconds, "disconnected": r.disconnected,
-        "metadata": r.metadata,
+        "metadata": r.metadata, "shadow_refused": r.shadow_refused,
     }) + "\n").encode()  # fmt: skip
 
 

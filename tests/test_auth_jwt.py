@@ -171,3 +171,28 @@ def test_allowed_tiers_bound_what_a_token_may_claim() -> None:
     assert verifier.verify(mint_token(hs_config(), "u", tier="pro")).principal.tier == "pro"
     error = refused(verifier, mint_token(hs_config(), "u", tier="unlimited"))
     assert "may not claim" in error.message
+
+
+def test_verified_token_carries_what_revocation_needs() -> None:
+    now = int(time.time())
+    claims = {"sub": "user-7", "iat": now - 5, "exp": now + 60, "jti": "tok-1"}
+    verified = JwtVerifier(hs_config()).verify(jwt.encode(claims, SECRET, algorithm="HS256"))
+    assert (verified.subject, verified.token_id, verified.issued_at) == ("user-7", "tok-1", now - 5)
+    bare = jwt.encode({"sub": "u", "exp": now + 60}, SECRET, algorithm="HS256")
+    plain = JwtVerifier(hs_config()).verify(bare)
+    assert (plain.token_id, plain.issued_at) == (None, None)
+    minted = JwtVerifier(hs_config()).verify(mint_token(hs_config(), "u"))
+    assert minted.token_id is not None and len(minted.token_id) == 16  # minted tokens have one
+
+
+def test_max_lifetime_refuses_longer_tokens_and_tokens_without_iat() -> None:
+    verifier = JwtVerifier(hs_config(max_lifetime_seconds=3600))
+    now = int(time.time())
+
+    def signed(**claims: object) -> str:
+        return jwt.encode({"sub": "u", **claims}, SECRET, algorithm="HS256")
+
+    assert verifier.verify(signed(iat=now, exp=now + 3600)).subject == "u"
+    assert refused(verifier, signed(iat=now, exp=now + 3601)).code == "invalid_token"
+    assert refused(verifier, signed(exp=now + 60)).code == "invalid_token"  # no iat: unbounded
+    assert JwtVerifier(hs_config()).verify(signed(iat=now, exp=now + 10**6)).subject == "u"

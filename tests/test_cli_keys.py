@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -103,7 +104,7 @@ def test_jwt_mints_a_token_the_server_accepts(cli, config_file: Path) -> None:
     token = cli("jwt", "--sub", "user-9", "--tier", "pro", "--ttl", "15m", "--models", "m").stdout
     config = load_config(config_file)
     auth = Authenticator(config.auth, None, known_tiers=config.limits.tiers)
-    principal = auth.authenticate({"Authorization": f"Bearer {token.strip()}"})
+    principal = asyncio.run(auth.authenticate({"Authorization": f"Bearer {token.strip()}"}))
     assert (principal.id, principal.tier, principal.models) == ("jwt:user-9", "pro", {"m"})
     claims = jwt.decode(token.strip(), options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == 900 and claims["iss"] == "iss.test"
@@ -174,7 +175,7 @@ def test_revocation_by_another_process_is_seen_within_one_second(
     with KeyStore(config.auth.keys) as store:
         auth = Authenticator(config.auth, store, clock=lambda: now[0])
         headers = {"X-API-Key": created["key"]}
-        assert auth.authenticate(headers).id == created["id"]
+        assert asyncio.run(auth.authenticate(headers)).id == created["id"]
 
         assert "revoked" in run_cli(entry, "revoke", created["id"], "-c", str(config_file), env=env)
         listed = json.loads(run_cli(entry, "list", "--json", "-c", str(config_file), env=env))
@@ -182,5 +183,5 @@ def test_revocation_by_another_process_is_seen_within_one_second(
 
         now[0] += 1.0  # config.auth.cache_seconds is 1.0, the most the config allows
         with pytest.raises(AuthenticationFailed) as info:
-            auth.authenticate(headers)
+            asyncio.run(auth.authenticate(headers))
     assert info.value.code == "invalid_api_key"

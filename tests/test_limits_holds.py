@@ -124,7 +124,7 @@ async def test_a_reserve_that_runs_after_its_cancellation_charges_nothing(
     store = RedisStore.from_url(redis_server.url, key_prefix=prefix)
     limiter = Limiter(limiter_config, store, ManualClock(NOW))
     plan = limiter.plan(None, {})
-    hold = limiter.holds.new(tuple(charge_for(r, 1000, NOW) for r in plan.rules), plan, NOW)
+    hold = limiter.holds.new(tuple(charge_for(r, 1000, NOW) for r in plan.rules), plan.rules, NOW)
     await store.settle("alice", hold, (0,), NOW)  # the cancellation arrives first
     outcome = await store.reserve("alice", hold)  # then the stale reserve runs
     assert not outcome.admitted

@@ -331,3 +331,36 @@ async def test_a_fresh_principal_has_empty_windows(
         (0, 1000, 0.0),
         (0, 5000, 0.0),
     ]
+
+
+async def test_a_shadow_limit_at_half_the_enforced_one_counts_its_refusals_and_admits_all(
+    new_store: StoreFactory, clock: ManualClock
+) -> None:
+    limiter = limiter_for(new_store, clock, requests_per_minute=10, tokens_per_day=10_000,
+                          shadow={"requests_per_minute": 5, "tokens_per_day": 5_000})  # fmt: skip
+    outcomes = []
+    for _ in range(10):
+        reservation = await limiter.reserve("alice", None, {}, 100, 400)
+        outcomes.append(reservation.shadow_refused)
+        await limiter.settle(reservation, 100, 150)  # 250 real: the day's shadow never fills
+    assert outcomes == [None] * 5 + ["requests_per_minute"] * 5
+    assert limiter.stats.shadow_refusals == {("default", "requests_per_minute"): 5}
+    usage = {w.name: w.used for w in await limiter.usage("alice", None, {})}
+    assert usage == {"requests_per_minute": 10, "tokens_per_day": 2_500}  # all ten served
+
+
+async def test_shadow_token_windows_settle_like_real_ones(
+    new_store: StoreFactory, clock: ManualClock
+) -> None:
+    limiter = limiter_for(new_store, clock, tokens_per_day=100_000,
+                          shadow={"tokens_per_day": 1_000})  # fmt: skip
+    refused = []
+    for _ in range(8):
+        reservation = await limiter.reserve("alice", None, {}, 100, 500)  # holds 600
+        refused.append(reservation.shadow_refused)
+        await limiter.settle(reservation, 100, 100)  # costs 200
+    # the shadow day holds what admitted requests really cost: after 3 x 200 = 600 a 600-token
+    # hold no longer fits, and a request it refuses is not charged in it: the shadow stays at
+    # 600, as an enforced limit would have
+    assert refused == [None] * 3 + ["tokens_per_day"] * 5
+    assert limiter.stats.shadow_refusals == {("default", "tokens_per_day"): 5}

@@ -122,3 +122,34 @@ async def test_redis_down_then_back_under_a_running_app(app_client, tmp_path):
         await limiter.close()
     finally:
         redis.stop()
+
+
+async def test_a_shadow_refusal_is_served_and_shows_in_the_ledger_and_metrics(
+    app_client, tmp_path
+):
+    from prometheus_client import CollectorRegistry
+
+    from llmserve.config import MetricsConfig
+    from llmserve.metrics import Metrics
+    from llmserve.usage import open_ledger, read_usage
+
+    config = make_config(tmp_path, server={"public_metrics": True}, limits={
+        "default_tier": "t",
+        "tiers": {"t": {"requests_per_minute": 100, "shadow": {"requests_per_minute": 2}}},
+    })  # fmt: skip
+    limiter = Limiter(config.limits, store_from_url("memory://", tmp_path / "l"))
+    metrics = Metrics(CollectorRegistry(), MetricsConfig(), limiter_stats=limiter.stats)
+    ledger = open_ledger(config.usage)
+    client = await app_client(config, FakeEngine("fake", 256), limiter=limiter, metrics=metrics,
+                              ledger=ledger)  # fmt: skip
+    statuses = [(await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))).status
+                for _ in range(3)]  # fmt: skip
+    assert statuses == [200, 200, 200]  # shadow limits never refuse
+    text = await (await client.get("/metrics")).text()
+    assert 'llmserve_limit_shadow_refusals_total{tier="t",window="requests_per_minute"} 1' in text
+    assert ledger is not None and config.usage.ledger is not None
+    ledger.sync()
+    entries = list(read_usage(config.usage.ledger))
+    assert [e.shadow_refused for e in entries] == [None, None, "requests_per_minute"]
+    ledger.close()
+    await limiter.close()

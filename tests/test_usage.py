@@ -43,7 +43,7 @@ def test_append_writes_one_json_line_with_every_field(tmp_path: Path) -> None:
         "model": "smollm2", "route": "chat", "status": 429, "error_code": "rate_limit_exceeded",
         "prompt_tokens": 10, "completion_tokens": 5, "finish_reason": None,
         "queue_wait_seconds": 0.01, "ttft_seconds": 0.1, "total_seconds": 0.5,
-        "disconnected": False, "metadata": {"job": "nightly-eval"},
+        "disconnected": False, "metadata": {"job": "nightly-eval"}, "shadow_refused": None,
     }  # fmt: skip
     assert (path.stat().st_mode & 0o777) == 0o600  # usage is private to the operator
 

@@ -74,6 +74,8 @@ class RequestGate:
         job = self._job(prompt_tokens, max_tokens * max(1, n))
         reservation = await self._gateway.reserve(job)
         self._record.admitted = True
+        if reservation is not None and reservation.shadow_refused:
+            self._record.shadow_refused = reservation.shadow_refused
         headers = reservation.headers if reservation is not None else {}
         self.headers.update(headers)
         if self.sse is not None:

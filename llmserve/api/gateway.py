@@ -206,6 +206,7 @@ class Gateway:
         record: RequestRecord = request[RECORD]
         reservation = await self.reserve(job)
         record.admitted = True
+        record.shadow_refused = reservation.shadow_refused if reservation is not None else None
         headers = dict(getattr(reservation, "headers", None) or {})
         try:
             if job.stream:

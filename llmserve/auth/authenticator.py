@@ -1,28 +1,48 @@
 """Headers -> Principal: API keys and JWTs, with a short in-process cache of decisions.
 
-`authenticate` is synchronous: a cached decision costs a dict lookup, an uncached key one
-SQLite read (tens of microseconds), cheaper than a thread hop. Decisions, refusals included,
-are cached for `auth.cache_seconds` (at most 1 s by config), which is what bounds how long a
-running server keeps accepting a key the CLI has just revoked or rotated.
+A cached decision costs a dict lookup. An uncached one needs the key store once: an API key's
+record, or a verified JWT's revocations (auth/store.py: one SQLite read for a directory store,
+one round trip for Redis). Concurrent requests with the same uncached credential share that
+read. Decisions, refusals included, are cached for `auth.cache_seconds` (at most 1 s by
+config), which is what bounds how long a server keeps accepting a key or a JWT that the CLI or
+another replica has just revoked or rotated.
+
+When the store cannot be asked (Redis down or slow), a credential decided within
+`auth.stale_if_error_seconds` (past its freshness) keeps its last decision; any other gets a
+503 `auth_unavailable` with Retry-After, never a 401 that would tell a client its key is wrong.
+After a failure the store is left alone for a second (StoreBreaker), so a dead Redis costs a
+request nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
-from llmserve.auth.jwt import JwtVerifier
-from llmserve.auth.keys import KEY_PREFIX, KeyRecord
+from llmserve.auth.jwt import JwtVerifier, VerifiedToken
+from llmserve.auth.keys import KEY_PREFIX, KeyRecord, KeyStore, KeyStoreUnavailable, parse_key_id
 from llmserve.auth.principal import Principal
+from llmserve.auth.store import DirKeyStore, KeyStoreBackend
 from llmserve.config import AuthConfig
-from llmserve.errors import AuthenticationFailed, InvalidRequest
+from llmserve.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    ServiceUnavailable,
+    retry_after_header,
+)
+from llmserve.limits.breaker import StoreBreaker
 
 ANONYMOUS_ADMIN = Principal(id="anonymous", kind="anonymous", admin=True)
 MAX_CREDENTIAL_CHARS = 8192  # far above any key or sane JWT; longer is refused unparsed
 CACHE_MAX_ENTRIES = 10_000  # bounds memory when a client sprays random credentials
 LAST_USED_FLUSH_SECONDS = 60.0
+STORE_RETRY_SECONDS = 1.0  # after a store failure, it is not asked again for this long
+
+log = logging.getLogger("llmserve.auth")
 
 _MISSING = (
     "missing_api_key",
@@ -35,12 +55,7 @@ _BAD_SCHEME = (
 _BAD_KEY = ("invalid_api_key", "Incorrect API key provided.")
 _EXPIRED_KEY = ("api_key_expired", "This API key has expired; ask for a new one.")
 _NO_JWT = ("invalid_token", "This server does not accept JWTs; use an API key.")
-
-
-class KeyLookup(Protocol):
-    def lookup(self, api_key: str) -> KeyRecord | None: ...
-
-    def touch(self, last_used: dict[str, float]) -> None: ...
+_REVOKED_TOKEN = ("token_revoked", "This token has been revoked; get a new one.")
 
 
 @dataclass(slots=True)
@@ -49,12 +64,21 @@ class _Decision:
     principal: Principal | None = None
     valid_until: float | None = None  # wall clock: key expiry or JWT exp + leeway
     failure: tuple[str, str] | None = None  # (code, message)
+    unavailable: bool = False  # the store could not be asked and nothing recent is known
 
 
 def _refuse(failure: tuple[str, str]) -> AuthenticationFailed:
     code, message = failure
     challenge = "Bearer" if code == "missing_api_key" else 'Bearer error="invalid_token"'
     return AuthenticationFailed(message, code=code, headers={"WWW-Authenticate": challenge})
+
+
+def _unavailable(retry_in: float) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "Credentials cannot be checked right now (the key store is unreachable); retry shortly.",
+        code="auth_unavailable",
+        headers=retry_after_header(retry_in),
+    )
 
 
 def extract_credential(headers: Mapping[str, str]) -> str:
@@ -120,7 +144,7 @@ class Authenticator:
     def __init__(
         self,
         config: AuthConfig,
-        store: KeyLookup | None,
+        store: KeyStoreBackend | KeyStore | None,
         clock: Callable[[], float] = time.monotonic,
         *,
         wall_clock: Callable[[], float] = time.time,
@@ -129,7 +153,10 @@ class Authenticator:
     ) -> None:
         self._enabled = config.enabled
         self._ttl = config.cache_seconds
-        self._store = store
+        self._stale = config.stale_if_error_seconds
+        self._store: KeyStoreBackend | None = (
+            DirKeyStore(store) if isinstance(store, KeyStore) else store
+        )
         self._clock = clock
         self._wall = wall_clock
         if jwt_verifier is None and config.jwt is not None and config.enabled:
@@ -137,20 +164,29 @@ class Authenticator:
         self._jwt = jwt_verifier
         self._jwt_leeway = config.jwt.leeway_seconds if config.jwt is not None else 0.0
         self._cache: dict[str, _Decision] = {}
+        # One store read per credential at a time: concurrent misses wait for the same one.
+        self._pending: dict[str, asyncio.Future[_Decision]] = {}
+        self._breaker = StoreBreaker(clock, cooldown=STORE_RETRY_SECONDS)
         self._last_used: dict[str, float] = {}
         self._last_flush = clock()
+        self._flushing: asyncio.Future[None] | None = None
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
-        """The caller's Principal, or AuthenticationFailed (401) with a string code."""
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The caller's Principal, or AuthenticationFailed (401) with a string code, or
+        ServiceUnavailable (503 `auth_unavailable`) when the key store cannot be asked."""
         if not self._enabled:
             return ANONYMOUS_ADMIN
         credential = extract_credential(headers)
         now = self._clock()
         decision = self._cache.get(credential)
-        if decision is None or decision.fresh_until <= now:
-            decision = self._decide(credential, now)
-        elif decision.valid_until is not None and self._wall() >= decision.valid_until:
-            decision = self._decide(credential, now)  # expired while cached: say so exactly
+        if (
+            decision is None
+            or decision.fresh_until <= now
+            or (decision.valid_until is not None and self._wall() >= decision.valid_until)
+        ):  # absent, aged out, or expired while cached (then say so exactly)
+            decision = await self._decide(credential, now, decision)
+        if decision.unavailable:
+            raise _unavailable(self._breaker.retry_in())
         if decision.failure is not None:
             raise _refuse(decision.failure)
         principal = decision.principal
@@ -159,35 +195,103 @@ class Authenticator:
             self._note_use(principal.id, now)
         return principal
 
-    def flush_last_used(self) -> None:
-        """Write pending last-use times to the store (also done once a minute, and at close)."""
+    async def flush_last_used(self) -> None:
+        """Write pending last-use times to the store (also done once a minute, and at close).
+        When the store cannot take them they are kept for the next flush."""
         pending, self._last_used = self._last_used, {}
         self._last_flush = self._clock()
-        if pending and self._store is not None:
-            self._store.touch(pending)
+        if not pending or self._store is None:
+            return
+        try:
+            await self._store.touch(pending)
+        except KeyStoreUnavailable as exc:
+            log.warning("last-use times not written, kept for the next flush: %s", exc)
+            self._last_used = {**pending, **self._last_used}
 
-    def close(self) -> None:
-        self.flush_last_used()
+    async def close(self) -> None:
+        if self._flushing is not None:
+            await self._flushing
+        await self.flush_last_used()
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _decide(self, credential: str, now: float) -> _Decision:
+    async def _decide(self, credential: str, now: float, previous: _Decision | None) -> _Decision:
         if len(credential) > MAX_CREDENTIAL_CHARS:
             return _Decision(fresh_until=now, failure=_BAD_KEY)  # not cached: never repeats
+        fresh_until = now + self._ttl
         if credential.startswith(KEY_PREFIX):
-            decision = self._decide_key(credential, now)
+            if parse_key_id(credential) is None or self._store is None:
+                decision = _Decision(fresh_until, failure=_BAD_KEY)  # no store read needed
+            else:
+                read = functools.partial(self._decide_key, credential, now)
+                decision = await self._ask_store(credential, read, now, previous)
         elif credential.count(".") == 2:
-            decision = self._decide_jwt(credential, now)
+            decision, verified = self._verify_jwt(credential, fresh_until)
+            if verified is not None and self._store is not None:
+                read = functools.partial(self._check_revocations, verified, now)
+                decision = await self._ask_store(credential, read, now, previous)
         else:
-            decision = _Decision(fresh_until=now + self._ttl, failure=_BAD_KEY)
+            decision = _Decision(fresh_until, failure=_BAD_KEY)
+        if decision.unavailable:
+            return decision  # not cached: what was known before stays for the next try
         if len(self._cache) >= CACHE_MAX_ENTRIES:
             self._cache.clear()
         self._cache[credential] = decision
         return decision
 
-    def _decide_key(self, api_key: str, now: float) -> _Decision:
+    async def _ask_store(
+        self,
+        credential: str,
+        read: Callable[[], Awaitable[_Decision]],
+        now: float,
+        previous: _Decision | None,
+    ) -> _Decision:
+        """The decision that needs the store (a key's record, a JWT's revocations), one read
+        per credential however many requests wait for it."""
+        pending = self._pending.get(credential)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_store(read, now, previous))
+            self._pending[credential] = pending
+            pending.add_done_callback(functools.partial(self._read_done, credential))
+        # Shielded: a client that goes away must not cancel the read others wait for.
+        return await asyncio.shield(pending)
+
+    def _read_done(self, credential: str, future: asyncio.Future[_Decision]) -> None:
+        if self._pending.get(credential) is future:
+            del self._pending[credential]
+        if not future.cancelled():
+            future.exception()  # retrieved, even when every waiter went away
+
+    async def _read_store(
+        self, read: Callable[[], Awaitable[_Decision]], now: float, previous: _Decision | None
+    ) -> _Decision:
+        if not self._breaker.allows_call():
+            return self._without_store(previous, now)
+        try:
+            decision = await read()
+        except KeyStoreUnavailable as exc:
+            if self._breaker.record_failure():
+                log.warning("key store unreachable: %s; recent decisions are kept for "
+                            "auth.stale_if_error_seconds, other credentials get 503 "
+                            "auth_unavailable", exc)  # fmt: skip
+            return self._without_store(previous, now)
+        if self._breaker.record_success():
+            log.warning("key store reachable again")
+        return decision
+
+    def _without_store(self, previous: _Decision | None, now: float) -> _Decision:
+        """The store is down: the last decision on this credential while it is recent enough
+        (auth.stale_if_error_seconds past its freshness), else `unavailable`."""
+        if previous is None or now >= previous.fresh_until + self._stale:
+            return _Decision(fresh_until=now, unavailable=True)
+        if previous.valid_until is not None and self._wall() >= previous.valid_until:
+            return _Decision(previous.fresh_until, failure=_EXPIRED_KEY)  # JWTs never get here
+        return previous
+
+    async def _decide_key(self, api_key: str, now: float) -> _Decision:
+        assert self._store is not None
+        record = await self._store.lookup(api_key)
         fresh_until = now + self._ttl
-        record = self._store.lookup(api_key) if self._store is not None else None
         # Unknown, wrong secret and revoked all read the same: no oracle for which ids exist.
         if record is None or record.revoked is not None:
             return _Decision(fresh_until, failure=_BAD_KEY)
@@ -195,18 +299,36 @@ class Authenticator:
             return _Decision(fresh_until, failure=_EXPIRED_KEY)
         return _Decision(fresh_until, _key_principal(record), valid_until=record.expires)
 
-    def _decide_jwt(self, token: str, now: float) -> _Decision:
-        fresh_until = now + self._ttl
+    def _verify_jwt(self, token: str, fresh_until: float) -> tuple[_Decision, VerifiedToken | None]:
         if self._jwt is None:
-            return _Decision(fresh_until, failure=_NO_JWT)
+            return _Decision(fresh_until, failure=_NO_JWT), None
         try:
             verified = self._jwt.verify(token)
         except AuthenticationFailed as exc:
-            return _Decision(fresh_until, failure=(exc.code or "invalid_token", exc.message))
+            return _Decision(fresh_until, failure=(exc.code or "invalid_token", exc.message)), None
+        valid_until = verified.expires + self._jwt_leeway
+        return _Decision(fresh_until, verified.principal, valid_until=valid_until), verified
+
+    async def _check_revocations(self, verified: VerifiedToken, now: float) -> _Decision:
+        """A verified token, refused when a revocation in the store names its subject (and it
+        was issued before that) or its `jti`."""
+        assert self._store is not None
+        fresh_until = now + self._ttl
+        revocations = await self._store.jwt_revocations(verified.subject, verified.token_id)
+        if any(r.refuses(verified.issued_at, self._jwt_leeway) for r in revocations):
+            return _Decision(fresh_until, failure=_REVOKED_TOKEN)
         valid_until = verified.expires + self._jwt_leeway
         return _Decision(fresh_until, verified.principal, valid_until=valid_until)
 
     def _note_use(self, key_id: str, now: float) -> None:
         self._last_used[key_id] = self._wall()
-        if now - self._last_flush >= LAST_USED_FLUSH_SECONDS:
-            self.flush_last_used()
+        due = now - self._last_flush >= LAST_USED_FLUSH_SECONDS
+        if due and (self._flushing is None or self._flushing.done()):
+            self._last_flush = now
+            self._flushing = asyncio.ensure_future(self._flush_in_background())
+
+    async def _flush_in_background(self) -> None:
+        try:
+            await self.flush_last_used()
+        except Exception:  # a request never pays for bookkeeping; close() flushes again
+            log.exception("writing last-use times failed")

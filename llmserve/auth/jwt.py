@@ -9,6 +9,7 @@ the accepted list.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ JWT_ID_PREFIX = "jwt:"  # principal ids of JWT callers, apart from API key ids
 class VerifiedToken:
     principal: Principal
     expires: float  # the `exp` claim, epoch seconds
+    subject: str = ""  # the subject claim's value (what `keys jwt-revoke --sub` names)
+    token_id: str | None = None  # the `jti` claim, when the token has one
+    issued_at: float | None = None  # the `iat` claim, when the token has one
 
 
 def _is_hmac(algorithms: Iterable[str]) -> bool:
@@ -77,6 +81,7 @@ class JwtVerifier:
         else:
             raise ConfigError("auth.jwt: public_key_file or jwks_file is required for RS/ES/PS")
         required = ["exp"]
+        required += ["iat"] if config.max_lifetime_seconds is not None else []
         required += ["iss"] if config.issuer else []
         required += ["aud"] if config.audience else []
         self._options: Any = {"require": required, "verify_aud": config.audience is not None}
@@ -95,7 +100,18 @@ class JwtVerifier:
         except jwt.PyJWTError as exc:
             raise _failure(exc) from None
         _check_numeric_claims(claims)
-        return VerifiedToken(self._principal(claims), float(claims["exp"]))
+        issued_at = float(claims["iat"]) if "iat" in claims else None
+        limit = self._config.max_lifetime_seconds
+        if limit is not None and issued_at is not None and claims["exp"] - issued_at > limit:
+            raise _invalid("The token's lifetime (exp - iat) is longer than this server accepts.")
+        principal = self._principal(claims)
+        return VerifiedToken(
+            principal,
+            float(claims["exp"]),
+            subject=principal.id.removeprefix(JWT_ID_PREFIX),
+            token_id=_token_id(claims.get("jti")),
+            issued_at=issued_at,
+        )
 
     def _key_for(self, token: str) -> Any:
         if not self._jwks:
@@ -135,6 +151,15 @@ def _check_numeric_claims(claims: dict[str, Any]) -> None:
         value = claims.get(name)
         if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise _invalid(f"The {name!r} claim must be a number (seconds since the epoch).")
+
+
+def _token_id(value: Any) -> str | None:
+    """The `jti` claim as text (RFC 7519 makes it a string; a number is taken as its digits)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _models(value: Any, claim: str) -> frozenset[str] | None:
@@ -187,6 +212,7 @@ def mint_token(
     models: Iterable[str] | None = None,
     ttl_seconds: float = 3600.0,
     now: float | None = None,
+    token_id: str | None = None,
 ) -> str:
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
@@ -194,6 +220,7 @@ def mint_token(
         "iat": issued,
         "nbf": issued,
         "exp": issued + int(ttl_seconds),
+        "jti": token_id or secrets.token_hex(8),  # so `keys jwt-revoke --jti` can name it
     }
     if tier is not None:
         claims[config.tier_claim] = tier

@@ -27,6 +27,7 @@ def check(config: Path | None = ConfigOption) -> None:
     _show_sampling_defaults(cfg)
     _show_cpu_dtype(cfg)
     _check_store_persistence(cfg)
+    _check_key_store_persistence(cfg)
     typer.echo(yaml.safe_dump(effective_config(cfg), sort_keys=False).rstrip())
 
 
@@ -47,6 +48,26 @@ def _check_store_persistence(cfg: Config) -> None:
 
     async def probe() -> str | None:
         store = store_from_url(cfg.limits.store)
+        try:
+            check = getattr(store, "persistence_warning", None)
+            return await check() if check is not None else None
+        finally:
+            await store.close()
+
+    warning = asyncio.run(probe())
+    if warning:
+        typer.echo(f"# warning: {warning}", err=True)
+
+
+def _check_key_store_persistence(cfg: Config) -> None:
+    """A Redis key store without persistence loses every API key on a restart."""
+    from llmserve.auth.store import is_redis_url, key_store_from_url
+
+    if not cfg.auth.enabled or not is_redis_url(cfg.auth.keys):
+        return
+
+    async def probe() -> str | None:
+        store = key_store_from_url(cfg.auth.keys)
         try:
             check = getattr(store, "persistence_warning", None)
             return await check() if check is not None else None

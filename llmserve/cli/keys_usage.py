@@ -12,11 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmserve.auth.keys import KeyStore
+from llmserve.auth.keys import KeyRecord
+from llmserve.auth.store import key_store_from_url
 from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.errors import LLMServeError
 from llmserve.limits.headers import format_duration
 from llmserve.limits.usage import read_usage, usage_record
+from llmserve.limits.windows import WindowStatus
 
 
 def add_usage_command(keys_app: typer.Typer) -> None:
@@ -30,11 +32,18 @@ def usage(
 ) -> None:
     """Show a key's current usage, remaining quota and reset time per rate-limit window."""
     config = load_or_exit(config_path)
+
+    async def read() -> tuple[KeyRecord, list[WindowStatus]]:
+        keys = key_store_from_url(config.auth.keys)
+        try:
+            record = await keys.get(key_id)
+        finally:
+            await keys.close()
+        return record, await read_usage(config.limits, record.id, record.tier, record.limits)
+
     try:
-        with KeyStore(config.auth.keys) as keys:
-            record = keys.get(key_id)
-        windows = asyncio.run(read_usage(config.limits, record.id, record.tier, record.limits))
-    except LLMServeError as exc:  # no such key, limiter store unreachable, bad overrides
+        record, windows = asyncio.run(read())
+    except LLMServeError as exc:  # no such key, a store unreachable, bad overrides
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     records = [usage_record(w) for w in windows]

@@ -24,8 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from llmserve.limits.stores.base import Hold, StoreUnavailable
-from llmserve.limits.tiers import TierPlan
-from llmserve.limits.windows import WindowCharge
+from llmserve.limits.windows import WindowCharge, WindowRule
 
 if TYPE_CHECKING:
     from llmserve.limits.limiter import Limiter, Settlement
@@ -52,9 +51,12 @@ class HoldKeeper:
     def _leases(self) -> bool:
         return bool(getattr(self._limiter.store, "leases", False))
 
-    def new(self, charges: tuple[WindowCharge, ...], plan: TierPlan, now: float) -> Hold:
-        """A hold for these charges; it needs an id only when it holds tokens to give back."""
-        token_windows = tuple(rule.unit == "tokens" for rule in plan.rules)
+    def new(
+        self, charges: tuple[WindowCharge, ...], rules: tuple[WindowRule, ...], now: float
+    ) -> Hold:
+        """A hold for these charges (one per rule); it needs an id only when it holds tokens
+        to give back."""
+        token_windows = tuple(rule.unit == "tokens" for rule in rules)
         holds_tokens = any(t and c.cost for t, c in zip(token_windows, charges, strict=True))
         hold_id = f"{_PROCESS_TAG}{next(_serial):x}" if holds_tokens else ""
         return Hold(hold_id, charges, now, now + self.lease_seconds, token_windows)

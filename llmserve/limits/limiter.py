@@ -26,12 +26,20 @@ from llmserve.limits.headers import rate_limit_headers
 from llmserve.limits.holds import HoldKeeper
 from llmserve.limits.stores.base import Hold, ReserveOutcome, Store, StoreUnavailable
 from llmserve.limits.tiers import TierPlan, plan_tier
-from llmserve.limits.windows import WindowStatus, can_ever_fit, charge_for, status
+from llmserve.limits.windows import (
+    WindowStatus,
+    can_ever_fit,
+    charge_for,
+    retry_after,
+    status,
+)
 
 log = logging.getLogger("llmserve.limits")
 
 Clock = Callable[[], float]
 _PLAN_CACHE_SIZE = 4096
+# Shadow windows are kept under the principal's id with this suffix (never a real id's).
+SHADOW_SUFFIX = "\x1fshadow"
 
 
 @dataclass
@@ -44,6 +52,8 @@ class LimiterStats:
     settlements_lost: int = 0  # settlements dropped for good (backlog full, or shut down)
     settlements_deferred: int = 0  # settlements kept to send again once the store is back
     settlements_pending: int = 0  # of those, not sent yet (a gauge)
+    # requests a tier's shadow limits would have refused, by (tier, window); never enforced
+    shadow_refusals: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -57,6 +67,8 @@ class Reservation:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     checked: bool = True  # False: admitted without the store (down, on_store_error=open)
     finished: bool = False
+    shadow: Reservation | None = None  # the hold in the tier's shadow windows, if it fit
+    shadow_refused: str | None = None  # the shadow window that would have refused it
 
     def _claim(self) -> bool:
         """True the first time only: settling twice must not refund twice."""
@@ -73,6 +85,7 @@ class Settlement:
     principal_id: str
     hold: Hold
     actual: tuple[int, ...]  # per window: what the request really cost
+    shadow: Settlement | None = None  # the same request's settlement in its shadow windows
 
 
 class Limiter:
@@ -136,7 +149,7 @@ class Limiter:
         for charge in charges:
             if not can_ever_fit(charge):
                 raise never_fits(charge)
-        hold = self.holds.new(charges, plan, now)
+        hold = self.holds.new(charges, plan.rules, now)
         outcome = await self._store_reserve(principal_id, hold)
         if outcome is None:
             return Reservation(principal_id, plan, hold, cost, checked=False)
@@ -145,7 +158,33 @@ class Limiter:
             raise limit_reached(charges, outcome.used, now, outcome.held)
         self.holds.track(principal_id, hold)
         after = [status(c, u + c.cost, now) for c, u in zip(charges, outcome.used, strict=True)]
-        return Reservation(principal_id, plan, hold, cost, rate_limit_headers(after))
+        reservation = Reservation(principal_id, plan, hold, cost, rate_limit_headers(after))
+        if plan.shadow_rules:
+            await self._reserve_shadow(reservation, now)
+        return reservation
+
+    async def _reserve_shadow(self, reservation: Reservation, now: float) -> None:
+        """Count the request against the tier's shadow limits as if they were enforced: hold
+        it there if it fits, else note which window would have refused it. Never refuses, and
+        a store failure here only skips the count."""
+        plan, cost = reservation.plan, reservation.token_cost
+        shadow_id = reservation.principal_id + SHADOW_SUFFIX
+        charges = tuple(charge_for(rule, 1 if rule.unit == "requests" else cost, now)
+                        for rule in plan.shadow_rules)  # fmt: skip
+        hold = self.holds.new(charges, plan.shadow_rules, now)
+        try:
+            outcome = await self.store.reserve(shadow_id, hold)
+        except StoreUnavailable:
+            return
+        if outcome.admitted:
+            self.holds.track(shadow_id, hold)
+            reservation.shadow = Reservation(shadow_id, plan, hold, cost)
+            return
+        window = next((c.name for c, u in zip(charges, outcome.used, strict=True)
+                       if retry_after(c, u, now) != 0), charges[0].name)  # fmt: skip
+        reservation.shadow_refused = window
+        key = (plan.name, window)
+        self.stats.shadow_refusals[key] = self.stats.shadow_refusals.get(key, 0) + 1
 
     async def settle(
         self, reservation: Reservation, prompt_tokens: int, completion_tokens: int
@@ -164,11 +203,14 @@ class Limiter:
         hold = reservation.hold
         if not reservation._claim() or hold is None:
             return None
+        shadow = None
+        if reservation.shadow is not None:
+            shadow = self.settlement(reservation.shadow, prompt_tokens, completion_tokens)
         tokens = reservation.plan.token_cost(prompt_tokens, completion_tokens)
         actual = _actual(hold, tokens)
         if not hold.id and all(a == c.cost for a, c in zip(actual, hold.charges, strict=True)):
-            return None  # nothing kept in the store and nothing to change: no round trip
-        return Settlement(reservation.principal_id, hold, actual)
+            return shadow  # nothing kept in the store and nothing to change: no round trip
+        return Settlement(reservation.principal_id, hold, actual, shadow)
 
     async def apply(self, settlement: Settlement) -> None:
         """settle's second half: send the update to the store. Never raises for its failure:
@@ -177,15 +219,17 @@ class Limiter:
         self.holds.untrack(settlement.hold.id)
         if not self.breaker.allows_call():
             self.holds.defer(settlement)
-            return
-        try:
-            await self.store.settle(settlement.principal_id, settlement.hold,
-                                    settlement.actual, self.clock())  # fmt: skip
-        except StoreUnavailable as exc:
-            self.holds.defer(settlement)
-            self.store_failed("settle", exc)
         else:
-            self.store_ok()
+            try:
+                await self.store.settle(settlement.principal_id, settlement.hold,
+                                        settlement.actual, self.clock())  # fmt: skip
+            except StoreUnavailable as exc:
+                self.holds.defer(settlement)
+                self.store_failed("settle", exc)
+            else:
+                self.store_ok()
+        if settlement.shadow is not None:
+            await self.apply(settlement.shadow)
 
     async def release(self, reservation: Reservation) -> None:
         """Refund every token of a request that never reached the engine (e.g. queue timeout).

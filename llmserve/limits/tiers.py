@@ -25,6 +25,7 @@ class TierPlan:
     completion_token_weight: float
     default_max_tokens: int | None
     priority: int
+    shadow_rules: tuple[WindowRule, ...] = ()  # counted, never enforced
 
     def token_cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Prompt tokens plus weighted completion tokens, rounded up to whole tokens."""
@@ -54,8 +55,13 @@ def plan_tier(
         for field in RULE_SHAPES
         if (limit := getattr(tier, field)) is not None
     )
+    shadow = tuple(
+        make_rule(field, limit)
+        for field in RULE_SHAPES
+        if tier.shadow is not None and (limit := getattr(tier.shadow, field)) is not None
+    )
     return TierPlan(
-        name, rules, tier.completion_token_weight, tier.default_max_tokens, tier.priority
+        name, rules, tier.completion_token_weight, tier.default_max_tokens, tier.priority, shadow
     )
 
 

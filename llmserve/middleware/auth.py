@@ -45,7 +45,7 @@ def auth_middleware(authenticator: Authenticator, server: ServerConfig) -> Middl
         if path in open_paths:
             request[PRINCIPAL] = ANONYMOUS
             return await handler(request)
-        principal = authenticator.authenticate(request.headers)
+        principal = await authenticator.authenticate(request.headers)
         if path in ADMIN_PATHS:
             ensure_admin(principal)
         request[PRINCIPAL] = principal

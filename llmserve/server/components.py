@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from llmserve.admission import AdmissionQueue
 from llmserve.app_state import GATEWAY
 from llmserve.auth.authenticator import Authenticator
-from llmserve.auth.keys import KeyStore
 from llmserve.auth.redact import install_redaction
+from llmserve.auth.store import key_store_from_url
 from llmserve.config import Config
 from llmserve.engine.base import Engine
 from llmserve.engine.factory import create_engine
@@ -102,7 +102,7 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
 
 
 def _auth(config: Config, closers: list[Callable[[], Any]]) -> Any:
-    store = KeyStore(config.auth.keys) if config.auth.enabled else None
+    store = key_store_from_url(config.auth.keys) if config.auth.enabled else None
     authenticator = Authenticator(config.auth, store, known_tiers=config.limits.tiers)
     if store is not None:
         closers.append(store.close)
