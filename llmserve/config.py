@@ -71,8 +71,14 @@ class ServerConfig(Section):
         None,
         ge=0,
         le=65535,
-        description="If set, a second listener on 127.0.0.1 serves /metrics and /ready "
-        "without credentials; the public port then needs an admin principal for them.",
+        description="If set, a second listener on `admin_host` serves /health, /metrics and "
+        "/ready without credentials; the public port then needs an admin principal for them.",
+    )
+    admin_host: str = Field(
+        "127.0.0.1",
+        description="Address of the admin listener. Keep it on loopback on a shared host; in "
+        "a cluster, `0.0.0.0` lets kubelet probes and Prometheus reach it on the pod network "
+        "(the admin port carries no credentials: keep it off any public network).",
     )
     public_metrics: bool = Field(
         False, description="Serve /metrics on the public port without credentials."

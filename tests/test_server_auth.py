@@ -77,3 +77,14 @@ def test_a_huge_header_is_a_clean_401_that_echoes_nothing(server_with_keys):
     secret = user.rsplit("-", 1)[1]
     assert secret not in resp.text
     assert secret not in server.log()
+
+
+def test_the_admin_listener_binds_the_configured_host_only(tmp_path):
+    admin_port = free_port()
+    config = auth_config(tmp_path, admin_port=admin_port)
+    config["server"]["admin_host"] = "127.0.0.2"  # another loopback address: a pod IP stand-in
+    with llmserve_up(tmp_path, config):
+        assert httpx.get(f"http://127.0.0.2:{admin_port}/health").status_code == 200
+        assert httpx.get(f"http://127.0.0.2:{admin_port}/ready").status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{admin_port}/ready")

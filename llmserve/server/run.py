@@ -99,11 +99,13 @@ async def _start_sites(
         )
         await admin_runner.setup()
         try:
-            await web.TCPSite(admin_runner, "127.0.0.1", config.server.admin_port).start()
+            await web.TCPSite(admin_runner, config.server.admin_host,
+                              config.server.admin_port).start()  # fmt: skip
         except BaseException:
             await admin_runner.cleanup()
             raise
-        log.info("admin endpoints on http://127.0.0.1:%d", config.server.admin_port)
+        log.info("admin endpoints on http://%s:%d", config.server.admin_host,
+                 config.server.admin_port)  # fmt: skip
         return admin_runner
     return None
 
