@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -202,6 +203,127 @@ class FakeEngineConfig(Section):
     )
 
 
+class EngineNodesConfig(Section):
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes the engine spans with vLLM's multiprocess backend: node 0 runs "
+        "`llmserve up`, each other node `llmserve worker` with the same file (docs/scaling.md). "
+        "A Ray cluster is not counted here: with Ray, leave `engine.nodes` unset.",
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="This node's index: 0 on the head (`llmserve up`), 1 to nnodes - 1 on the "
+        "others (`llmserve worker --node-rank N` overrides it, as does `${NODE_RANK}`).",
+    )
+    master_addr: str | None = Field(
+        None,
+        description="The head node's address, reachable from every node (required when "
+        "nnodes > 1): torch.distributed of replicas that span nodes, and the data-parallel "
+        "handshake unless `data_parallel_address` is set.",
+    )
+    master_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="torch.distributed port on the head for replicas that span nodes (unset: "
+        "vLLM's 29501).",
+    )
+    data_parallel_size_local: int | None = Field(
+        None,
+        ge=1,
+        description="Data-parallel replicas on this node (unset: data_parallel_size / nnodes "
+        "when nnodes > 1, else all of them). Below data_parallel_size without nnodes, the "
+        "other replicas run on `llmserve worker` nodes.",
+    )
+    data_parallel_start_rank: int | None = Field(
+        None,
+        ge=0,
+        description="First data-parallel rank of a worker node's replicas (workers only; the "
+        "head has rank 0; unset: inferred from node_rank when nnodes > 1). `llmserve worker "
+        "--data-parallel-start-rank` overrides it.",
+    )
+    data_parallel_address: str | None = Field(
+        None,
+        description="Address of the head's data-parallel handshake, as the other nodes reach "
+        "it (unset: master_addr).",
+    )
+    data_parallel_rpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the head's data-parallel handshake (unset: vLLM's 29550).",
+    )
+
+
+# LoRA ranks vLLM can serve (vllm.config.lora.MaxLoRARanks)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraConfig(Section):
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters served next to the base model: `{name: path}` (a PEFT "
+        "directory, or a hub id already in the local hub cache). Each name is a model of its "
+        "own in `/v1/models` and in a request's `model` (docs/engine.md, LoRA adapters).",
+    )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters in one batch (vLLM's `max_loras`; unset: the number of adapters, "
+        "at most 8). Requests for more adapters than this wait for a slot. On CPU vLLM always "
+        "gets at least the number of adapters + 1 (docs/engine.md, LoRA adapters and aliases).",
+    )
+    max_lora_rank: int | None = Field(
+        None,
+        description="Largest adapter rank (vLLM's `max_lora_rank`: 1, 8, 16, 32, 64, 128, 256, "
+        "320 or 512; unset: the largest `r` of the adapters' adapter_config.json, rounded up).",
+    )
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters kept in CPU memory (vLLM's `max_cpu_loras`; unset: max_loras); "
+        "others are read from disk again when asked for.",
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_vllm_serves(cls, value: int | None) -> int | None:
+        if value is not None and value not in LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, LORA_RANKS))}")
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            check_model_name(name, "adapter name")
+            if not path.strip():
+                raise ValueError(f"{name}: the adapter's path is empty")
+        return value
+
+    @property
+    def batch_loras(self) -> int:
+        """vLLM's max_loras: max_loras, or the number of adapters (1 to 8)."""
+        return self.max_loras or max(1, min(len(self.adapters), 8))
+
+    @model_validator(mode="after")
+    def _cpu_loras_fit(self) -> LoraConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.batch_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                f"({self.batch_loras})"
+            )
+        return self
+
+
+def check_model_name(name: str, what: str) -> None:
+    """A name clients send as `model`: printable, no surrounding spaces, at most 256 chars."""
+    if not name or name != name.strip() or len(name) > 256 or not name.isprintable():
+        raise ValueError(f"{what} {name!r}: not a usable model name")
+
+
 class EngineConfig(Section):
     kind: Literal["vllm", "fake"] = Field(
         "vllm", description="`vllm` (embedded vLLM) or `fake` (deterministic, for tests)."
@@ -240,7 +362,8 @@ class EngineConfig(Section):
     distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
         None,
         description="How vLLM runs the workers of one replica (`mp` processes, `ray`, `uni`: "
-        "in the engine process). Unset: vLLM's choice (`uni` on CPU).",
+        "in the engine process). Unset: vLLM's choice (on CPU `uni`, `mp` when a replica "
+        "has several workers).",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU only)."
@@ -291,6 +414,20 @@ class EngineConfig(Section):
         description="Extra `vllm serve` frontend settings by name (e.g. "
         "`enable_prompt_tokens_details: true`), for requests vLLM's own handlers answer.",
     )
+    nodes: EngineNodesConfig = Field(
+        default_factory=EngineNodesConfig,
+        description="An engine spread over several nodes with vLLM's multiprocess backend.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="LoRA adapters served next to the base model (docs/engine.md).",
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Other names of served models, `{alias: model}` (the base model's name or "
+        "an adapter's), e.g. `{gpt-4o-mini: smollm2}`: a request for the alias runs the model "
+        "and its response names the alias; `/v1/models` lists it too.",
+    )
     fake: FakeEngineConfig = Field(
         default_factory=FakeEngineConfig, description="Settings of the fake engine."
     )
@@ -305,10 +442,69 @@ class EngineConfig(Section):
             raise ValueError("enable_auto_tool_choice needs tool_call_parser")
         return self
 
+    @model_validator(mode="after")
+    def _model_names_unique(self) -> EngineConfig:
+        base, adapters = self.model_name, self.lora.adapters
+        if base in adapters:
+            raise ValueError(f"lora.adapters.{base}: the base model's name, served_model_name")
+        for alias, target in self.aliases.items():
+            check_model_name(alias, "alias")
+            if alias == base or alias in adapters:
+                raise ValueError(f"aliases.{alias}: already the name of a served model")
+            if target != base and target not in adapters:
+                served = ", ".join([base, *adapters])
+                raise ValueError(
+                    f"aliases.{alias}: {target!r} is not a served model (the base model or an "
+                    f"adapter of lora.adapters: {served})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_fit(self) -> EngineConfig:
+        nodes, dp = self.nodes, self.data_parallel_size
+        if nodes.nnodes > 1:
+            if "ray" in (self.data_parallel_backend, self.distributed_executor_backend):
+                raise ValueError(
+                    "nodes.nnodes > 1 runs vLLM's multiprocess backend; with Ray the Ray "
+                    "cluster spans the nodes: leave engine.nodes unset"
+                )
+            if not nodes.master_addr:
+                raise ValueError("nodes.master_addr: set the head node's address (nnodes > 1)")
+            if nodes.node_rank >= nodes.nnodes:
+                raise ValueError(
+                    f"nodes.node_rank must be below nodes.nnodes ({nodes.nnodes}), "
+                    f"got {nodes.node_rank}"
+                )
+            world = dp * self.tensor_parallel_size * self.pipeline_parallel_size
+            if world % nodes.nnodes:
+                raise ValueError(
+                    f"nodes.nnodes ({nodes.nnodes}) must divide data_parallel_size x "
+                    f"tensor_parallel_size x pipeline_parallel_size ({world})"
+                )
+        local = nodes.data_parallel_size_local
+        if local is not None and local > dp:
+            raise ValueError(
+                f"nodes.data_parallel_size_local ({local}) is above data_parallel_size ({dp})"
+            )
+        start = nodes.data_parallel_start_rank
+        if start is not None and start + max(local or 1, 1) > dp:
+            raise ValueError(
+                f"nodes.data_parallel_start_rank ({start}) + its local replicas exceed "
+                f"data_parallel_size ({dp})"
+            )
+        remote = nodes.nnodes == 1 and local is not None and local < dp
+        if remote and not (nodes.data_parallel_address or nodes.master_addr):
+            raise ValueError(
+                "nodes.data_parallel_address: set the head node's address (replicas run "
+                "on other nodes: data_parallel_size_local < data_parallel_size)"
+            )
+        return self
+
 
 JwtAlgorithm = Literal[
-    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"
 ]
+JWKS_MAX_REFRESH_SECONDS = 86400.0  # a JWKS is fetched again at least once a day
 
 
 def _default_algorithms() -> list[JwtAlgorithm]:
@@ -327,6 +523,37 @@ class JwtConfig(Section):
         None, description="PEM private key, only for `llmserve keys jwt` to mint test tokens."
     )
     jwks_file: Path | None = Field(None, description="A JWKS file of public keys (by `kid`).")
+    jwks_url: str | None = Field(
+        None,
+        description="HTTPS URL of the identity provider's JWKS: fetched at start, refreshed in "
+        "the background, refetched for an unknown `kid` (docs/auth.md).",
+    )
+    oidc_discovery: bool = Field(
+        False,
+        description="Take the JWKS URL (`jwks_uri`) from `{issuer}/.well-known/"
+        "openid-configuration` instead of `jwks_url` (needs an https `issuer`).",
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificate(s) the JWKS and discovery servers must chain to, "
+        "instead of the system's (an identity provider with a private CA); TLS is always "
+        "verified.",
+    )
+    jwks_refresh_seconds: float = Field(
+        300.0,
+        ge=1,
+        le=JWKS_MAX_REFRESH_SECONDS,
+        description="How often the JWKS is fetched again when its response has no "
+        "Cache-Control max-age (a max-age is followed, between jwks_min_refresh_seconds "
+        "and 24 h).",
+    )
+    jwks_min_refresh_seconds: float = Field(
+        60.0,
+        ge=1,
+        le=JWKS_MAX_REFRESH_SECONDS,
+        description="Shortest time between two fetches of the JWKS whatever max-age says; also "
+        "at most one refetch per this long for tokens naming an unknown `kid`.",
+    )
     issuer: str | None = Field(None, description="Required `iss` claim, when set.")
     audience: str | None = Field(None, description="Required `aud` claim, when set.")
     leeway_seconds: float = Field(30.0, ge=0, description="Clock skew allowed for exp/nbf/iat.")
@@ -366,14 +593,63 @@ class JwtConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtConfig:
+        # One source of verification keys: a leftover second one is a guess about which wins.
+        sources = [name for name, present in (
+            ("public_key_file", self.public_key_file is not None),
+            ("jwks_file", self.jwks_file is not None),
+            ("jwks_url", self.jwks_url is not None),
+            ("oidc_discovery", self.oidc_discovery),
+        ) if present]  # fmt: skip
+        if any(a.startswith("HS") for a in self.algorithms):
+            if sources:
+                raise ValueError(
+                    f"{sources[0]}: a key source for RS*/ES*/PS*/EdDSA, but algorithms are "
+                    f"{self.algorithms} (verified with `secret`): set `algorithms` to the "
+                    "identity provider's, e.g. [RS256], or remove it"
+                )
+        elif self.secret is not None:
+            raise ValueError(
+                "secret: only for HS* algorithms; RS*/ES*/PS*/EdDSA verify with one of "
+                "public_key_file, jwks_file, jwks_url or oidc_discovery"
+            )
+        if len(sources) > 1:
+            raise ValueError(
+                f"{' and '.join(sources)}: set one source of verification keys, not "
+                f"{len(sources)}"
+            )
+        if self.jwks_url is not None:
+            _check_https_url(self.jwks_url, "jwks_url")
+        if self.oidc_discovery:
+            if not self.issuer:
+                raise ValueError("oidc_discovery: needs `issuer`, the identity provider's URL")
+            _check_https_url(self.issuer, "issuer (with oidc_discovery)")
+        if self.ca_file is not None and self.jwks_url is None and not self.oidc_discovery:
+            raise ValueError("ca_file: only for fetching keys (jwks_url or oidc_discovery)")
+        if self.jwks_refresh_seconds < self.jwks_min_refresh_seconds:
+            raise ValueError(
+                f"jwks_refresh_seconds: at least jwks_min_refresh_seconds "
+                f"({self.jwks_min_refresh_seconds:g})"
+            )
+        return self
+
+
+def _check_https_url(url: str, setting: str) -> None:
+    """Keys fetched over plain HTTP could be swapped by anyone on the path: https only."""
+    parsed = urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        raise ValueError(f"{setting}: {url!r} is not an https:// URL (keys are fetched over TLS)")
+
 
 class AuthConfig(Section):
     enabled: bool = Field(True, description="Require a principal on every route but /health.")
     keys: str | Path = Field(
         Path(".llmserve/keys"),
         description="Where API keys and JWT revocations are kept: a directory (one machine), "
-        "or `redis://host:6379/0` (also `rediss://`, `unix://`; options as `limits.store`, "
-        "plus `key_prefix`) shared by every replica. See docs/auth.md.",
+        "or `redis://host:6379/0` (also `rediss://`, `unix://`, `redis+sentinel://`, "
+        "`redis+cluster://`; options as `limits.store`) shared by every replica. See "
+        "docs/auth.md.",
     )
     cache_seconds: float = Field(
         0.5,
@@ -437,7 +713,12 @@ class TierConfig(Section):
 
 
 class LimitsConfig(Section):
-    store: str = Field("memory://", description="`memory://` or `redis://host:6379/0`.")
+    store: str = Field(
+        "memory://",
+        description="`memory://` or a Redis URL: `redis://host:6379/0`, `rediss://` (TLS), "
+        "`unix://`, `redis+sentinel://`, `redis+cluster://`; forms and options in "
+        "docs/limits.md.",
+    )
     on_store_error: Literal["closed", "open"] = Field(
         "closed", description="Store unreachable: `closed` answers 503, `open` admits and logs."
     )
@@ -669,6 +950,28 @@ def _section_type(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+# Settings (dotted names; a trailing "." or "_" covers all those it starts) that only a restart
+# can change: the engine and its model, the sockets, the stores and files opened at start, and
+# what the process was tuned with. Everything else a reload applies (server/reload.py).
+RESTART_ONLY = (
+    "engine.",
+    "server.host", "server.port", "server.admin_port", "server.admin_host",
+    "server.event_loop", "server.gc_", "server.max_body_bytes",
+    "server.header_read_timeout_seconds", "server.keepalive_timeout_seconds",
+    "server.shutdown_grace_seconds",
+    "limits.store", "limits.state_dir",
+    "auth.enabled", "auth.keys",
+    "usage.", "metrics.",
+)  # fmt: skip
+
+
+def restart_only(setting: str) -> bool:
+    """Whether changing this setting needs a restart (a reload refuses it)."""
+    return any(
+        setting == p or (p.endswith((".", "_")) and setting.startswith(p)) for p in RESTART_ONLY
+    )
 
 
 def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any]]:

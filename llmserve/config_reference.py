@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llmserve.config import iter_settings
+from llmserve.config import RESTART_ONLY, iter_settings, restart_only
 
 BEGIN = (
     "<!-- config-reference:begin "
@@ -22,11 +22,26 @@ BEGIN = (
 END = "<!-- config-reference:end -->"
 
 
+RESTART_BEGIN = (
+    "<!-- restart-settings:begin (generated: python -m llmserve.config_reference "
+    "docs/configuration.md README.md) -->"
+)
+RESTART_END = "<!-- restart-settings:end -->"
+
+
 def render_reference() -> str:
-    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    rows = ["| setting | default | on reload | meaning |", "|---|---|---|---|"]
     for name, field in iter_settings():
-        rows.append(f"| `{name}` | {_default(field)} | {field.description} |")
+        reload = "restart" if restart_only(name) else "applied"
+        rows.append(f"| `{name}` | {_default(field)} | {reload} | {field.description} |")
     return "\n".join([BEGIN, *rows, END])
+
+
+def render_restart_settings() -> str:
+    """The settings a reload refuses, as one line of `names` (a trailing `*` for a group)."""
+    names = [f"`{p[:-1]}.*`" if p.endswith(".") else f"`{p}*`" if p.endswith("_") else f"`{p}`"
+             for p in RESTART_ONLY]  # fmt: skip
+    return "\n".join([RESTART_BEGIN, ", ".join(names), RESTART_END])
 
 
 def _default(field: Any) -> str:
@@ -48,12 +63,17 @@ def _default(field: Any) -> str:
 
 
 def update_file(path: Path) -> bool:
-    text = path.read_text()
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + render_reference() + text[end:]
+    """Rewrite the generated blocks the file holds (the reference, the restart list)."""
+    text = new = path.read_text()
+    for begin, end, render in ((BEGIN, END, render_reference),
+                               (RESTART_BEGIN, RESTART_END, render_restart_settings)):  # fmt: skip
+        if begin in new:
+            start, stop = new.index(begin), new.index(end) + len(end)
+            new = new[:start] + render() + new[stop:]
     path.write_text(new)
     return new != text
 
 
 if __name__ == "__main__":
-    update_file(Path(sys.argv[1]))
+    for argument in sys.argv[1:]:
+        update_file(Path(argument))

@@ -95,3 +95,4 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("llmserve.access").disabled = not config.access_log

@@ -7,13 +7,19 @@ import re
 from typing import Any
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)(?P<secret>[^@\s/]+)@")
+# a password given as a query option: redis+sentinel://...?sentinel_password=...
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][a-z_]*password=)(?P<secret>[^&\s#'\"]+)")
 
 
 def mask_url_credentials(text: str) -> str:
     """`text` with the password of every URL in it replaced by `****`."""
-    if "://" not in text or "@" not in text:
+    if "://" not in text:
         return text
-    return _URL_PASSWORD.sub(r"\g<head>****@", text)
+    if "@" in text:
+        text = _URL_PASSWORD.sub(r"\g<head>****@", text)
+    if "password=" in text:
+        text = _QUERY_PASSWORD.sub(r"\g<head>****", text)
+    return text
 
 
 def mask_tree(value: Any) -> Any:

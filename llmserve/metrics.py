@@ -250,9 +250,12 @@ class Metrics:
         gpu_probe: GpuProbe | None = None,
         time_func: Callable[[], float] = time.time,
         limiter_stats: Any = None,
+        jwks_stats: Callable[[], Any] | None = None,
     ) -> None:
         self._registry = registry
         self._limiter_stats = limiter_stats  # llmserve.limits.LimiterStats, read at scrape time
+        # Authenticator.jwks_stats: a llmserve.auth.jwks.JwksStats, or None without a JWKS URL
+        self._jwks_stats = jwks_stats
         self._config = config
         self._include_default = include_default_registry and registry is not REGISTRY
         self._gpu = gpu_probe if gpu_probe is not None else NvmlProbe()
@@ -260,6 +263,7 @@ class Metrics:
         self._principals: set[str] = set()
         self._gauges: dict[str, Callable[[], Any]] = {}
         self._model: str = ""
+        self._config_sha256 = ""  # the live config file's hash (server/reload.py)
         self._define()
         registry.register(self)
 
@@ -314,10 +318,28 @@ class Metrics:
             "are counted, never enforced), by tier and window.",
             ("tier", "window"),
         )
+        self.config_reloads = c(
+            "llmserve_config_reloads",
+            "Config reloads (SIGHUP, POST /admin/reload), by result: applied, unchanged, "
+            "invalid (the file did not validate), refused (a setting needing a restart).",
+            ("result",),
+        )
         self.settlements_deferred = c(
             "llmserve_limiter_settlements_deferred",
             "Settlements the store could not take at once (down, slow): kept and sent again "
             "once it answers.",
+            (),
+        )
+        self.jwks_refreshes = c(
+            "llmserve_jwks_refreshes",
+            "Fetches of the identity provider's JWKS (auth.jwt.jwks_url) that brought a usable "
+            "key set.",
+            (),
+        )
+        self.jwks_failures = c(
+            "llmserve_jwks_refresh_failures",
+            "Fetches of the JWKS that failed (unreachable, TLS, HTTP error, no usable key): the "
+            "last good keys stay in use.",
             (),
         )
         self.queue_rejections = c(
@@ -452,6 +474,14 @@ class Metrics:
         if record.inter_token_seconds:
             self.itl.child().observe_many(record.inter_token_seconds)
 
+    def config_reloaded(self, result: str, sha256: str) -> None:
+        """A config reload ended with `result`; `sha256` is the file now live."""
+        self.config_reloads.inc((result,))
+        self._config_sha256 = sha256
+
+    def config_loaded(self, sha256: str) -> None:
+        self._config_sha256 = sha256
+
     def admission_observer(self) -> AdmissionObserver:
         """The admission queue's observer: counts its refusals by reason."""
         return _QueueObserver(self.queue_rejections, self.predicted_wait, self.prediction_error)
@@ -494,7 +524,18 @@ class Metrics:
         self._sync_limiter_stats()
         yield from self._families(describe=False)
 
+    def _jwks(self) -> Any:
+        return _read(self._jwks_stats) if self._jwks_stats is not None else None
+
+    def _sync_jwks_stats(self, stats: Any) -> None:
+        for counter, value in ((self.jwks_refreshes, stats and stats.refreshes),
+                               (self.jwks_failures, stats and stats.failures)):  # fmt: skip
+            counter.values.clear()  # no JWKS URL (any more): the series are absent
+            if stats is not None:
+                counter.values[()] = float(value)
+
     def _sync_limiter_stats(self) -> None:
+        self._sync_jwks_stats(self._jwks())
         stats = self._limiter_stats
         if stats is not None:
             self.store_errors.values[()] = float(stats.store_errors)
@@ -516,7 +557,8 @@ class Metrics:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
                 self.rate_limited, self.disconnects, self.store_errors, self.unchecked,
                 self.unavailable, self.settlements_lost, self.settlements_deferred,
-                self.shadow_refusals, self.queue_rejections)  # fmt: skip
+                self.shadow_refusals, self.config_reloads, self.queue_rejections,
+                self.jwks_refreshes, self.jwks_failures)  # fmt: skip
 
     def _histograms(self) -> tuple[LabelledHistogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_wait, self.predicted_wait,
@@ -530,6 +572,14 @@ class Metrics:
         )
         info.add_metric((__version__, self._model), 1.0)
         yield info
+        config = GaugeMetricFamily(
+            "llmserve_config_info",
+            "The live config file, by the SHA-256 of its text (value 1).",
+            labels=("sha256",),
+        )
+        if describe or self._config_sha256:
+            config.add_metric((self._config_sha256,), 1.0)
+        yield config
         yield GaugeMetricFamily(
             "llmserve_start_time_seconds",
             "Start time of the server, in Unix seconds.",
@@ -543,6 +593,7 @@ class Metrics:
                 "Settlements waiting for the store to come back (sent in order once it does).",
                 value=float(pending) if pending is not None else None,
             )
+        yield from _jwks_gauges(self._jwks() if not describe else None, describe)
         yield from _gpu_gauges(self._gpu, describe)
 
 
@@ -609,6 +660,23 @@ def _read(source: Callable[[], Any]) -> Any:
     except Exception:
         log.debug("metrics source %r failed", source, exc_info=True)
         return None
+
+
+def _jwks_gauges(stats: Any, describe: bool) -> Iterator[Metric]:
+    """The JWKS fetched from auth.jwt.jwks_url: absent without one."""
+    if not describe and stats is None:
+        return
+    last = stats.last_success if stats is not None else None
+    yield GaugeMetricFamily(
+        "llmserve_jwks_last_success_timestamp_seconds",
+        "When the JWKS was last fetched with usable keys, in Unix seconds (0: never yet).",
+        value=None if describe else float(last or 0.0),
+    )
+    yield GaugeMetricFamily(
+        "llmserve_jwks_keys",
+        "Verification keys in use from the JWKS (0: JWTs get 503 auth_unavailable).",
+        value=None if describe else float(stats.keys),
+    )
 
 
 _GPU_DOCS = (

@@ -114,9 +114,10 @@ async def test_bounds_hold_and_every_task_ends_under_random_load(seed):
         "deadline",
         "cancelled",
     }
-    assert all(
-        outcomes[k] > 0 for k in ("completed", "server_overloaded", "queue_timeout", "deadline")
-    )
+    # a deadline the queue predicts it cannot meet is refused at the door (server_overloaded),
+    # so which of the two kinds of late ending shows up depends on the draw
+    assert outcomes["completed"] > 0 and outcomes["server_overloaded"] > 0
+    assert outcomes["queue_timeout"] + outcomes["deadline"] > 0
     assert (queue.in_flight, queue.depth, queue.queued_tokens) == (0, 0, 0)
     assert not queue._expiries and queue._timer is None
     assert checker.events > TASKS

@@ -107,6 +107,19 @@ async def test_a_waiter_whose_first_token_can_no_longer_come_in_time_leaves_with
     holder.release()
 
 
+async def test_before_any_completion_nobody_is_refused_on_a_guess() -> None:
+    clock = ManualClock()
+    queue = make_queue(clock, max_concurrency=1)
+    holder = queue.enqueue()
+    waiter = queue.enqueue(ttft_slo=1.0)  # the prior says 5 s; no evidence yet: it waits
+    assert not waiter.admitted and queue.depth == 1
+    clock.advance(1.0)  # ... and leaves at its objective if no slot came
+    queue.expire()
+    with pytest.raises(ServiceUnavailable):
+        await waiter.wait()
+    holder.release()
+
+
 async def test_an_idle_queue_admits_at_once_whatever_the_objective() -> None:
     queue = make_queue(ManualClock())
     ticket = queue.enqueue(prompt_tokens=100_000, ttft_slo=0.001)  # prefill alone is too long
@@ -193,3 +206,17 @@ def test_the_config_keeps_a_share_for_the_top_tier_only_with_several_priorities(
     assert (queue.top_priority, queue.reserved_slots, queue.reserved_places) == (10, 2, 16)
     one = Config.model_validate({"engine": {"kind": "fake"}})
     assert AdmissionQueue.from_config(one).reserved_slots == 0
+
+
+async def test_a_reload_with_more_slots_admits_waiters_at_once() -> None:
+    from llmserve.config import Config
+
+    clock = ManualClock()
+    queue = make_queue(clock, max_concurrency=1)
+    holder, waiter = queue.enqueue(), queue.enqueue()
+    assert not waiter.admitted
+    queue.reconfigure(Config.model_validate({
+        "engine": {"kind": "fake"}, "queue": {"max_concurrency": 2, "max_depth": 5}}))  # fmt: skip
+    assert waiter.admitted and (queue.max_concurrency, queue.max_depth) == (2, 5)
+    holder.release()
+    waiter.release()

@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import SecretStr, ValidationError
 
 from llmserve.auth.jwt import JwtVerifier, mint_token
@@ -196,3 +196,30 @@ def test_max_lifetime_refuses_longer_tokens_and_tokens_without_iat() -> None:
     assert refused(verifier, signed(iat=now, exp=now + 3601)).code == "invalid_token"
     assert refused(verifier, signed(exp=now + 60)).code == "invalid_token"  # no iat: unbounded
     assert JwtVerifier(hs_config()).verify(signed(iat=now, exp=now + 10**6)).subject == "u"
+
+
+def test_a_public_key_verifies_only_the_algorithms_its_type_fits(tmp_path: Path) -> None:
+    private_file, public_file, _ = _es256_files(tmp_path)
+    with pytest.raises(ConfigError, match="none of the algorithms"):
+        JwtVerifier(JwtConfig(algorithms=["RS256"], public_key_file=public_file))
+    both = JwtConfig(algorithms=["RS256", "ES256"], public_key_file=public_file,
+                     private_key_file=private_file)  # fmt: skip
+    verifier = JwtVerifier(both)
+    pem = private_file.read_bytes()
+    es256 = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, pem, "ES256")
+    assert verifier.verify(es256).principal.id == "jwt:u"
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rs256 = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, rsa_key, "RS256")
+    assert refused(verifier, rs256).code == "invalid_token"  # not a TypeError from pyjwt
+
+
+def test_eddsa_tokens_with_a_public_key_file(tmp_path: Path) -> None:
+    private = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "ed.pem").write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    (tmp_path / "ed.pub").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    config = JwtConfig(algorithms=["EdDSA"], public_key_file=tmp_path / "ed.pub",
+                       private_key_file=tmp_path / "ed.pem")  # fmt: skip
+    assert JwtVerifier(config).verify(mint_token(config, "ed")).principal.id == "jwt:ed"

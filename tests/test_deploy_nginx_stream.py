@@ -136,3 +136,56 @@ async def test_nginx_keeps_a_principal_on_one_replica_and_fails_over_safely(
             # a's principals were tried on a first (refused), then on b: one retry, no more
             assert [upstream(a), upstream(b)] in tried
             assert all(len(attempts) <= 2 for attempts in tried)
+
+
+async def test_200_concurrent_clients_through_nginx_never_overspend_a_tier(tmp_path: Path) -> None:
+    """Two replicas sharing one Redis for keys and limits, behind the shipped nginx config:
+    four keys of a 30-requests-per-minute tier, 50 concurrent clients each."""
+    import asyncio
+    import sys
+
+    from tests.support.redis_server import start_or_skip
+
+    redis = start_or_skip(tmp_path / "redis")
+    try:
+        config = {
+            **FAKE,
+            "auth": {"enabled": True, "keys": redis.url + "?key_prefix=keys:"},
+            "limits": {"store": redis.url, "default_tier": "t",
+                       "tiers": {"t": {"requests_per_minute": 30}}},
+            "queue": {"max_depth": 256},  # the test is about limits, not admission
+        }  # fmt: skip
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        with (
+            llmserve_up(tmp_path / "a", config) as a,
+            llmserve_up(tmp_path / "b", config) as b,
+            nginx_running(tmp_path, [upstream(a), upstream(b)]) as url,
+        ):
+            config_file = next((tmp_path / "a").glob("llmserve-*.yaml"))
+            keys = []
+            for i in range(4):
+                made = subprocess.run(
+                    [sys.executable, "-m", "llmserve", "keys", "create", "--name", f"k{i}",
+                     "-c", str(config_file)], capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                keys.append(next(w for w in made.stdout.split() if w.startswith("sk-llms-")))
+            chat = {"model": "fake", "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+
+            async def one(session: aiohttp.ClientSession, key: str) -> tuple[str, int]:
+                headers = {"Authorization": f"Bearer {key}"}
+                async with session.post(f"{url}/v1/chat/completions", json=chat,
+                                        headers=headers) as resp:  # fmt: skip
+                    await resp.read()
+                    return key, resp.status
+
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                results = await asyncio.gather(*(one(session, key) for key in keys * 50))
+        served = {key: sum(1 for k, s in results if k == key and s == 200) for key in keys}
+        statuses = {s for _, s in results}
+        assert statuses <= {200, 429}, statuses
+        assert served == dict.fromkeys(keys, 30)  # each key its quota exactly, never more
+    finally:
+        redis.stop()

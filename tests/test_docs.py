@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from llmserve.cli.main import app
 from llmserve.config import MetricsConfig, iter_settings
-from llmserve.config_reference import render_reference
+from llmserve.config_reference import render_reference, render_restart_settings
 from llmserve.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,13 @@ def test_every_setting_is_in_the_configuration_reference():
     assert missing == []
     assert render_reference() in reference, (
         "run: python -m llmserve.config_reference docs/configuration.md"
+    )
+
+
+def test_the_readme_lists_exactly_the_settings_a_reload_refuses():
+    readme = (ROOT / "README.md").read_text()
+    assert render_restart_settings() in readme, (
+        "run: python -m llmserve.config_reference docs/configuration.md README.md"
     )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from llmserve.config import Config
 
 
 class AdmissionTicket(Protocol):
@@ -50,3 +53,6 @@ class Admission(Protocol):
 
     def close(self) -> None:
         """Shutting down: refuse newcomers, send the waiting away with 503 shutting_down."""
+
+    def reconfigure(self, config: Config) -> None:
+        """New queue settings for a running server (slots, depth, waits, reserves)."""

@@ -102,6 +102,20 @@ class AdmissionQueue:
         self.reserved_places = reserved_places
         self._top_seen_at: float | None = None  # the last request of the top priority
 
+    def reconfigure(self, config: Config) -> None:
+        """New queue settings (server/reload.py). Requests holding a slot keep it; if there
+        are more slots now, waiters take them at once; fewer, and the excess drains."""
+        settings = _settings(config)
+        self.max_concurrency = config.max_concurrency
+        self.max_depth = config.queue.max_depth
+        self.max_wait_seconds = config.queue.max_wait_seconds
+        self.max_queued_tokens = config.queue.max_queued_tokens
+        self.top_priority = settings["top_priority"]
+        self.reserved_slots = settings["reserved_slots"]
+        self.reserved_places = settings["reserved_places"]
+        if self._fair:
+            self._admit_waiters(self._clock())
+
     @classmethod
     def from_config(cls, config: Config, **options: object) -> AdmissionQueue:
         """The queue the config describes; `options` are the keyword-only arguments above.
@@ -109,20 +123,12 @@ class AdmissionQueue:
         With tiers of different priorities, `queue.reserved_share` of the slots and queue
         places are kept for the highest."""
         queue = config.queue
-        priorities = {tier.priority for tier in config.limits.tiers.values()}
-        share = queue.reserved_share if len(priorities) > 1 else 0.0
-        slots, depth = config.max_concurrency, queue.max_depth
-        reserve: dict[str, object] = {
-            "top_priority": max(priorities, default=0),
-            "reserved_slots": min(slots - 1, int(share * slots)),
-            "reserved_places": min(depth, int(share * depth)),
-        }
         return cls(
-            slots,
-            depth,
+            config.max_concurrency,
+            queue.max_depth,
             queue.max_wait_seconds,
             queue.max_queued_tokens,
-            **{**reserve, **options},  # type: ignore[arg-type]
+            **{**_settings(config), **options},  # type: ignore[arg-type]
         )
 
     # -- state for metrics, heartbeats and tests ------------------------------------------
@@ -239,6 +245,11 @@ class AdmissionQueue:
         prediction = self.predict(priority, prompt_tokens)
         if prediction.wait_seconds <= 0:
             return prediction  # a slot is free: nothing could do better
+        if self.drain_rate() is None:
+            # No request has finished yet: the wait is a guess, too weak to turn anyone away
+            # (a burst right after start-up). The request waits; if its first token cannot
+            # come in time it still leaves at its objective (enqueue's give-up time).
+            return prediction
         objective = ttft_slo
         if deadline is not None:
             objective = deadline - now if objective is None else min(objective, deadline - now)
@@ -431,6 +442,18 @@ class AdmissionQueue:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _settings(config: Config) -> dict[str, int]:
+    """The room kept for the top priority, from the tiers and queue.reserved_share."""
+    priorities = {tier.priority for tier in config.limits.tiers.values()}
+    share = config.queue.reserved_share if len(priorities) > 1 else 0.0
+    slots, depth = config.max_concurrency, config.queue.max_depth
+    return {
+        "top_priority": max(priorities, default=0),
+        "reserved_slots": min(slots - 1, int(share * slots)),
+        "reserved_places": min(depth, int(share * depth)),
+    }
 
 
 def _left_queue() -> InternalError:

@@ -21,6 +21,7 @@ from llmserve.admission.deadline import REQUEST_TIMEOUT_HEADER, request_deadline
 from llmserve.api import fields
 from llmserve.api.gate import Caller, RequestGate, bounded_metadata
 from llmserve.api.gateway import Gateway
+from llmserve.api.models import ModelRename
 from llmserve.api.sse import SSEStream
 from llmserve.api.stream import StreamLifecycle
 from llmserve.auth.principal import Principal
@@ -63,8 +64,13 @@ async def delegate(
         model = body["model"] = gateway.engine.model_name  # optional there, as in vLLM
     if not isinstance(model, str):
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-    gateway.check_model(model, principal)
+    served = gateway.check_model(model, principal)
     record.model = model
+    # vLLM's handlers know the base model and the adapters, not the aliases: they get the model
+    # an alias stands for, and the response is given the requested name back
+    rename = ModelRename(served.root, model) if served.alias else None
+    if rename is not None:
+        body["model"] = served.root
     _prepare_body(gateway, frontend, route, body, principal, record)
     tier_name, tier = gateway.tier_of(principal)
     caller = Caller(principal, tier_name, tier.priority, _deadline(request, gateway), route)
@@ -74,8 +80,8 @@ async def delegate(
     record.stream = bool(body.get("stream"))
     try:
         if record.stream:
-            return await _stream(request, gateway, frontend, route, body, gate)
-        return await _json(request, gateway, frontend, route, body, gate)
+            return await _stream(request, gateway, frontend, route, body, gate, rename)
+        return await _json(request, gateway, frontend, route, body, gate, rename)
     finally:
         await gate.close()
 
@@ -131,17 +137,19 @@ async def _json(
     route: FrontendRoute,
     body: dict[str, Any],
     gate: RequestGate,
+    rename: ModelRename | None = None,
 ) -> web.Response:
     with _guard(request, gateway, gate):
         reply = await frontend.handle(route, body, gate)
     if not isinstance(reply, JSONReply):  # a stream for a request that asked for none
         raise InternalError("The engine answered with a stream; retry with stream: true.")
+    answer = reply.body if rename is None else rename.body(reply.body)
     headers = {**gate.headers}
     waited = request[RECORD].queue_wait_seconds
     if waited is not None:
         headers["X-Queue-Wait-Ms"] = str(int(waited * 1000))
     return web.Response(
-        body=reply.body, status=reply.status, headers=headers, content_type="application/json"
+        body=answer, status=reply.status, headers=headers, content_type="application/json"
     )
 
 
@@ -152,6 +160,7 @@ async def _stream(
     route: FrontendRoute,
     body: dict[str, Any],
     gate: RequestGate,
+    rename: ModelRename | None = None,
 ) -> web.StreamResponse:
     lifecycle = StreamLifecycle(request, gateway.heartbeats, {}, lambda: gateway.force_stopping)
 
@@ -161,17 +170,19 @@ async def _stream(
             reply = await frontend.handle(route, body, gate)
             if not isinstance(reply, StreamReply):
                 raise InternalError("The engine answered a stream request without a stream.")
-            await _pump(reply, gate, sse)
+            await _pump(reply, gate, sse, rename)
 
     return await lifecycle.run(relay)
 
 
-async def _pump(reply: StreamReply, gate: RequestGate, sse: SSEStream) -> None:
+async def _pump(
+    reply: StreamReply, gate: RequestGate, sse: SSEStream, rename: ModelRename | None = None
+) -> None:
     """vLLM's events to the client; a refusal by the gate replaces vLLM's own error event."""
     async with contextlib.aclosing(reply.events) as events:  # type: ignore[type-var]
         async for event in events:
             gate.raise_refusal()
-            await sse.send(event.encode())
+            await sse.send((event if rename is None else rename.text(event)).encode())
     gate.raise_refusal()
     await sse.drain()
     sse.request[RECORD].delivered = True

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from llmserve.admission.protocol import Admission, AdmissionTicket
 from llmserve.api import objects
+from llmserve.api.models import resolve_model
 from llmserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from llmserve.api.sse import Heartbeats, SSEStream
 from llmserve.api.stream import StreamLifecycle
@@ -30,12 +31,12 @@ from llmserve.engine.base import (
     PromptTooLong,
     SamplingOptions,
 )
+from llmserve.engine.catalog import ServedModel
 from llmserve.errors import (
     APIError,
     ContextLengthExceeded,
     DeadlineExceeded,
     EngineFailed,
-    NotFound,
     PermissionDenied,
     ServiceUnavailable,
     retry_after_header,
@@ -97,21 +98,19 @@ class Gateway:
         self.ready = False  # the engine has started
         self.force_stopping = False  # set when shutdown's grace time is over
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (server/reload.py): requests that start from now on use it."""
+        self.heartbeats = Heartbeats(
+            config.server.heartbeat_seconds, config.server.stall_timeout_seconds
+        )
+        self.config = config
+
     # -- checks before anything is spent ----------------------------------------------------
 
-    def check_model(self, model: str, principal: Principal) -> None:
-        if model != self.engine.model_name:
-            raise NotFound(
-                f"The model '{model}' does not exist or you do not have access to it.",
-                code="model_not_found",
-                param="model",
-            )
-        if not principal.may_use(model):
-            raise PermissionDenied(
-                f"This API key is not allowed to use the model '{model}'.",
-                code="model_not_allowed",
-                param="model",
-            )
+    def check_model(self, model: str, principal: Principal) -> ServedModel:
+        """The served model (base, LoRA adapter, or alias) `model` names; 404 model_not_found,
+        or 403 model_not_allowed when the caller's allow-list does not cover it."""
+        return resolve_model(self, model, principal)
 
     def check_engine(self) -> None:
         if not self.ready:

@@ -7,6 +7,7 @@ answered by the engine's own OpenAI frontend (api/delegated.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable
 from typing import Any
 
@@ -26,6 +27,7 @@ from llmserve.api.schemas import (
 from llmserve.app_state import GATEWAY
 from llmserve.auth.principal import Principal
 from llmserve.engine.base import FrontendRoute, Prompt
+from llmserve.engine.catalog import ServedModel
 from llmserve.errors import APIError
 from llmserve.request_state import PRINCIPAL, RECORD
 
@@ -93,10 +95,11 @@ async def _chat(request: web.Request, gateway: Gateway, principal: Principal) ->
         params = parse_request(ChatCompletionRequest, body)
     except NotNative as exc:  # the body parsed once serves the engine's frontend too
         return await delegate(request, gateway, principal, "chat", body, exc)
-    gateway.check_model(params.model, principal)
+    served = gateway.check_model(params.model, principal)
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_chat(params.messages)
-    return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=True))
+    job = _job(request, gateway, principal, params, prompt, chat=True)
+    return await gateway.run(request, _on_model(job, served))
 
 
 async def _completions(
@@ -107,10 +110,11 @@ async def _completions(
         params = parse_request(CompletionRequest, body)
     except NotNative as exc:
         return await delegate(request, gateway, principal, "completions", body, exc)
-    gateway.check_model(params.model, principal)
+    served = gateway.check_model(params.model, principal)
     _note_model(request, params.model)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_completion(params.prompt_text)
-    return await gateway.run(request, _job(request, gateway, principal, params, prompt, chat=False))
+    job = _job(request, gateway, principal, params, prompt, chat=False)
+    return await gateway.run(request, _on_model(job, served))
 
 
 async def _begin(request: web.Request) -> tuple[Gateway, Principal]:
@@ -137,6 +141,14 @@ async def _parse(raw: bytes, gateway: Gateway) -> dict[str, Any]:
 
 def _note_model(request: web.Request, model: str) -> None:
     request[RECORD].model = model
+
+
+def _on_model(job: Job, served: ServedModel) -> Job:
+    """The job on the served model's LoRA adapter, if it names one (its response keeps the
+    name the request gave, as `job.model`)."""
+    if served.adapter is not None:
+        job.options = dataclasses.replace(job.options, adapter=served.adapter)
+    return job
 
 
 def _job(request: web.Request, gateway: Gateway, principal: Principal,

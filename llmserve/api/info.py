@@ -7,6 +7,7 @@ import time
 from aiohttp import web
 
 from llmserve.api import objects
+from llmserve.api.models import catalog_of, visible_models
 from llmserve.app_state import GATEWAY, LIFECYCLE, METRICS
 from llmserve.engine.base import EngineUnavailable
 from llmserve.errors import NotFound, ServiceUnavailable, retry_after_header, shutting_down
@@ -14,21 +15,21 @@ from llmserve.request_state import PRINCIPAL
 
 
 async def list_models(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    principal = request[PRINCIPAL]
-    visible = [m for m in [gateway.engine.model_name] if principal.may_use(m)]
+    """The base model, its LoRA adapters and the aliases of both that the caller may use."""
+    visible = visible_models(request.app[GATEWAY], request[PRINCIPAL])
     return objects.json_response(objects.model_list(visible, _created(request)))
 
 
 async def get_model(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     model = request.match_info["model"]
-    if model != gateway.engine.model_name or not request[PRINCIPAL].may_use(model):
+    served = catalog_of(gateway).get(model)
+    if served is None or not served.allowed_by(request[PRINCIPAL].models):
         raise NotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
             code="model_not_found", param="model",
         )  # fmt: skip
-    return objects.json_response(objects.model_object(model, _created(request)))
+    return objects.json_response(objects.model_object(served, _created(request)))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from llmserve.engine.catalog import ServedModel
+
 DONE = b"data: [DONE]\n\n"
 
 # ASCII-only output: any text (even lone surrogates from a broken detokenizer) encodes safely.
@@ -162,9 +164,14 @@ def text_completion(*, response_id: str, created: int, model: str, text: str,
     }
 
 
-def model_list(model_ids: list[str], created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(m, created) for m in model_ids]}
+def model_list(models: list[ServedModel], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(m, created) for m in models]}
 
 
-def model_object(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmserve"}
+def model_object(model: ServedModel, created: int) -> dict[str, Any]:
+    """OpenAI's model object, with vLLM's `root` (the model the name runs: the base model or
+    an adapter, itself unless an alias) and `parent` (an adapter's base model, else null)."""
+    return {
+        "id": model.name, "object": "model", "created": created, "owned_by": "llmserve",
+        "root": model.root, "parent": model.parent,
+    }  # fmt: skip

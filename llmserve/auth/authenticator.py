@@ -12,6 +12,11 @@ When the store cannot be asked (Redis down or slow), a credential decided within
 503 `auth_unavailable` with Retry-After, never a 401 that would tell a client its key is wrong.
 After a failure the store is left alone for a second (StoreBreaker), so a dead Redis costs a
 request nothing.
+
+JWTs verified with a JWKS URL (auth/jwks.py) need keys fetched from the identity provider: the
+refresher starts with `start()` (the server calls it as it starts) and stops with `close()`.
+While it has no keys a JWT gets 503 `auth_unavailable`, never a 401. `reconfigure` swaps the
+auth settings of a running server (reload), the key store excepted.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from llmserve.auth.jwks import JwksRefresher, JwksStats, jwks_settings
 from llmserve.auth.jwt import JwtVerifier, VerifiedToken
 from llmserve.auth.keys import KEY_PREFIX, KeyRecord, KeyStore, KeyStoreUnavailable, parse_key_id
 from llmserve.auth.principal import Principal
@@ -30,6 +36,7 @@ from llmserve.auth.store import DirKeyStore, KeyStoreBackend
 from llmserve.config import AuthConfig
 from llmserve.errors import (
     AuthenticationFailed,
+    ConfigError,
     InvalidRequest,
     ServiceUnavailable,
     retry_after_header,
@@ -151,6 +158,7 @@ class Authenticator:
         jwt_verifier: JwtVerifier | None = None,
         known_tiers: Iterable[str] | None = None,
     ) -> None:
+        self._config = config
         self._enabled = config.enabled
         self._ttl = config.cache_seconds
         self._stale = config.stale_if_error_seconds
@@ -160,9 +168,14 @@ class Authenticator:
         self._clock = clock
         self._wall = wall_clock
         if jwt_verifier is None and config.jwt is not None and config.enabled:
-            jwt_verifier = JwtVerifier(config.jwt, known_tiers)
+            jwt_verifier = JwtVerifier(config.jwt, known_tiers, clock=clock, wall_clock=wall_clock)
         self._jwt = jwt_verifier
         self._jwt_leeway = config.jwt.leeway_seconds if config.jwt is not None else 0.0
+        self._retired = JwksStats()  # counts of JWKS refreshers that reconfigure replaced
+        self._generation = 0  # +1 per reconfigure: decisions made before are not cached
+        self._started = False
+        self._closed = False
+        self._reconfiguring = asyncio.Lock()
         self._cache: dict[str, _Decision] = {}
         # One store read per credential at a time: concurrent misses wait for the same one.
         self._pending: dict[str, asyncio.Future[_Decision]] = {}
@@ -208,10 +221,97 @@ class Authenticator:
             log.warning("last-use times not written, kept for the next flush: %s", exc)
             self._last_used = {**pending, **self._last_used}
 
+    async def start(self) -> None:
+        """Start the background work: the JWKS refresher, when JWTs are verified with keys from
+        a URL (its first fetch begins now; its failure is logged and retried, never fatal)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        remote = self._remote()
+        if remote is not None:
+            await remote.start()
+
     async def close(self) -> None:
+        """Stop the JWKS refresher (no task of it is left) and write last-use times."""
+        self._closed = True
+        remote = self._remote()
+        if remote is not None:
+            await remote.close()
         if self._flushing is not None:
             await self._flushing
         await self.flush_last_used()
+
+    def jwks_stats(self) -> JwksStats | None:
+        """For `llmserve_jwks_*` (read at scrape time): None unless keys come from a URL.
+        The counters add up every source this server has followed since it started."""
+        remote = self._remote()
+        if remote is None:
+            return None
+        now, old = remote.stats, self._retired
+        return JwksStats(refreshes=now.refreshes + old.refreshes,
+                         failures=now.failures + old.failures,
+                         last_success=now.last_success, keys=now.keys)  # fmt: skip
+
+    async def reconfigure(self, config: AuthConfig, known_tiers: Iterable[str] | None) -> None:
+        """Swap the auth settings of a running server: cache times, JWT settings (a new JWKS
+        source is fetched once first, then its refresher replaces the old one, which is
+        closed; an unchanged source keeps running). The decision cache is cleared. All or
+        nothing: ConfigError, with nothing changed, for a change of `auth.enabled` or
+        `auth.keys` (they need a restart), invalid JWT settings, or a new JWKS source whose
+        first fetch fails."""
+        async with self._reconfiguring:
+            self._check_reconfigurable(config)
+            old_remote = self._remote()
+            verifier: JwtVerifier | None = None
+            if config.jwt is not None and config.enabled:
+                keep = old_remote is not None and old_remote.settings == jwks_settings(config.jwt)
+                verifier = JwtVerifier(config.jwt, known_tiers, jwks=old_remote if keep else None,
+                                       clock=self._clock, wall_clock=self._wall)  # fmt: skip
+            new_remote = verifier.remote if verifier is not None else None
+            if new_remote is not None and new_remote is not old_remote and self._started:
+                fetched = await new_remote.start(wait_for_first=True)
+                if not fetched or self._closed:
+                    await self._retire(new_remote)
+                    if self._closed:
+                        raise ConfigError("auth: the server is stopping; nothing changed")
+                    raise ConfigError(
+                        f"auth.jwt: the new JWKS source {new_remote.source} could not be "
+                        f"fetched ({new_remote.last_error}); the auth settings are unchanged"
+                    )
+            # No await from here until the swap is complete: a request sees old or new.
+            self._config = config
+            self._ttl = config.cache_seconds
+            self._stale = config.stale_if_error_seconds
+            self._jwt = verifier
+            self._jwt_leeway = config.jwt.leeway_seconds if config.jwt is not None else 0.0
+            self._generation += 1
+            self._cache.clear()
+            self._pending.clear()  # reads in flight finish for their waiters, uncached
+            if old_remote is not None and old_remote is not new_remote:
+                await self._retire(old_remote)
+            if new_remote is not None and new_remote is not old_remote:
+                log.info("auth settings reconfigured: JWT keys now from %s", new_remote.source)
+            else:
+                log.info("auth settings reconfigured")
+
+    def _check_reconfigurable(self, config: AuthConfig) -> None:
+        if self._closed:
+            raise ConfigError("auth: the server is stopping; nothing changed")
+        if config.enabled != self._config.enabled:
+            raise ConfigError(
+                f"auth.enabled: changing it ({self._config.enabled} -> {config.enabled}) needs "
+                "a restart"
+            )
+        if str(config.keys) != str(self._config.keys):
+            raise ConfigError("auth.keys: changing the key store needs a restart")
+
+    def _remote(self) -> JwksRefresher | None:
+        return self._jwt.remote if self._jwt is not None else None
+
+    async def _retire(self, remote: JwksRefresher) -> None:
+        self._retired.refreshes += remote.stats.refreshes
+        self._retired.failures += remote.stats.failures
+        await remote.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -219,6 +319,7 @@ class Authenticator:
         if len(credential) > MAX_CREDENTIAL_CHARS:
             return _Decision(fresh_until=now, failure=_BAD_KEY)  # not cached: never repeats
         fresh_until = now + self._ttl
+        generation = self._generation
         if credential.startswith(KEY_PREFIX):
             if parse_key_id(credential) is None or self._store is None:
                 decision = _Decision(fresh_until, failure=_BAD_KEY)  # no store read needed
@@ -226,14 +327,15 @@ class Authenticator:
                 read = functools.partial(self._decide_key, credential, now)
                 decision = await self._ask_store(credential, read, now, previous)
         elif credential.count(".") == 2:
-            decision, verified = self._verify_jwt(credential, fresh_until)
+            # ServiceUnavailable (JWKS keys not available) propagates: never cached.
+            decision, verified = await self._verify_jwt(credential, fresh_until)
             if verified is not None and self._store is not None:
                 read = functools.partial(self._check_revocations, verified, now)
                 decision = await self._ask_store(credential, read, now, previous)
         else:
             decision = _Decision(fresh_until, failure=_BAD_KEY)
-        if decision.unavailable:
-            return decision  # not cached: what was known before stays for the next try
+        if decision.unavailable or generation != self._generation:
+            return decision  # not cached: unavailable, or decided under replaced settings
         if len(self._cache) >= CACHE_MAX_ENTRIES:
             self._cache.clear()
         self._cache[credential] = decision
@@ -299,11 +401,13 @@ class Authenticator:
             return _Decision(fresh_until, failure=_EXPIRED_KEY)
         return _Decision(fresh_until, _key_principal(record), valid_until=record.expires)
 
-    def _verify_jwt(self, token: str, fresh_until: float) -> tuple[_Decision, VerifiedToken | None]:
+    async def _verify_jwt(
+        self, token: str, fresh_until: float
+    ) -> tuple[_Decision, VerifiedToken | None]:
         if self._jwt is None:
             return _Decision(fresh_until, failure=_NO_JWT), None
         try:
-            verified = self._jwt.verify(token)
+            verified = await self._jwt.verify_async(token)
         except AuthenticationFailed as exc:
             return _Decision(fresh_until, failure=(exc.code or "invalid_token", exc.message)), None
         valid_until = verified.expires + self._jwt_leeway

@@ -3,7 +3,13 @@
 Algorithm confusion is closed in two places: the config accepts one family only (HMAC or
 public-key, never both, see `JwtConfig`), and the key handed to pyjwt is a typed key object
 for public-key families, which pyjwt refuses to use as an HMAC secret. `alg: none` is never in
-the accepted list.
+the accepted list. Each public key verifies only the configured algorithms that fit its type
+(and its JWK `alg`, when it names one): the token's `alg` header picks among those, never more.
+
+Public keys come from one source: a PEM file, a JWKS file (read at start), or a JWKS fetched
+from an identity provider and kept fresh in the background (auth/jwks.py: `jwks_url`, or
+`oidc_discovery`). With the latter, `verify_async` refetches the key set (rate-limited) when a
+token names a `kid` it lacks, and a JWT gets 503 `auth_unavailable` while no keys are known.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,21 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 
+from llmserve.auth.jwks import (
+    JwksError,
+    JwksRefresher,
+    KeySet,
+    parse_jwks,
+    public_key_algorithms,
+)
 from llmserve.auth.principal import Principal
 from llmserve.config import JwtConfig
-from llmserve.errors import AuthenticationFailed, ConfigError
+from llmserve.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    ServiceUnavailable,
+    retry_after_header,
+)
 
 JWT_ID_PREFIX = "jwt:"  # principal ids of JWT callers, apart from API key ids
 
@@ -46,52 +64,121 @@ def _read_file(path: Path, setting: str) -> bytes:
         raise ConfigError(f"auth.jwt.{setting}: cannot read {path}: {exc.strerror}") from None
 
 
-def _load_public_key(path: Path) -> Any:
+def _load_public_key(path: Path, algorithms: list[str]) -> tuple[Any, tuple[str, ...]]:
     try:
-        return serialization.load_pem_public_key(_read_file(path, "public_key_file"))
-    except ValueError:
+        key = serialization.load_pem_public_key(_read_file(path, "public_key_file"))
+    except (ValueError, TypeError):
         raise ConfigError(f"auth.jwt.public_key_file: {path} is not a PEM public key") from None
+    usable = tuple(a for a in algorithms if a in public_key_algorithms(key))
+    if not usable:
+        raise ConfigError(
+            f"auth.jwt.public_key_file: {path} holds a key none of the algorithms {algorithms} "
+            "can use (RS*/PS*: RSA; ES256/ES384: EC P-256/P-384; EdDSA: Ed25519/Ed448)"
+        )
+    return key, usable
 
 
-def _load_jwks(path: Path) -> dict[str | None, Any]:
+def _load_jwks(path: Path, algorithms: list[str]) -> KeySet:
     try:
-        key_set = jwt.PyJWKSet.from_json(_read_file(path, "jwks_file").decode())
-    except (ValueError, jwt.PyJWKError, jwt.PyJWKSetError) as exc:
+        return parse_jwks(json.loads(_read_file(path, "jwks_file")), algorithms)
+    except (ValueError, JwksError) as exc:
         raise ConfigError(f"auth.jwt.jwks_file: {path} is not a usable JWKS: {exc}") from None
-    return {k.key_id: k.key for k in key_set.keys}
+
+
+class UnknownKeyId(AuthenticationFailed):
+    """The token names a `kid` the key set lacks (a 401 `invalid_token`, unless a refetch of a
+    JWKS URL finds it)."""
+
+    def __init__(self, kid: str | None) -> None:
+        super().__init__("The token's signing key is not known.", code="invalid_token",
+                         headers=_CHALLENGE)  # fmt: skip
+        self.kid = kid
+
+
+def keys_unavailable(retry_in: float) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "Tokens cannot be checked right now (the identity provider's keys could not be "
+        "fetched); retry shortly.",
+        code="auth_unavailable",
+        headers=retry_after_header(retry_in),
+    )
 
 
 class JwtVerifier:
-    """Turns a bearer JWT into a Principal, or raises AuthenticationFailed."""
+    """Turns a bearer JWT into a Principal, or raises AuthenticationFailed (or, with a JWKS
+    URL whose keys are not available, ServiceUnavailable)."""
 
-    def __init__(self, config: JwtConfig, known_tiers: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: JwtConfig,
+        known_tiers: Iterable[str] | None = None,
+        *,
+        jwks: JwksRefresher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`jwks`: a running refresher of the same source to use (a reconfigure that keeps the
+        source), else one is made when the config names a JWKS URL; its owner starts and closes
+        it (`remote`)."""
         self._config = config
-        self._algorithms = list(config.algorithms)
+        self._algorithms: list[str] = list(config.algorithms)
         self._known_tiers = frozenset(known_tiers) if known_tiers is not None else None
         self._key: Any = None
-        self._jwks: dict[str | None, Any] = {}
+        self._key_algorithms: list[str] = self._algorithms
+        self._jwks: KeySet = {}
+        self.remote: JwksRefresher | None = None
         if _is_hmac(self._algorithms):
             if config.secret is None:
                 raise ConfigError("auth.jwt.secret: required for HS* algorithms")
             self._key = config.secret.get_secret_value()
+        elif config.jwks_url is not None or config.oidc_discovery:
+            self.remote = jwks or JwksRefresher(config, clock=clock, wall_clock=wall_clock)
         elif config.jwks_file is not None:
-            self._jwks = _load_jwks(config.jwks_file)
+            self._jwks = _load_jwks(config.jwks_file, self._algorithms)
         elif config.public_key_file is not None:
-            self._key = _load_public_key(config.public_key_file)
+            self._key, usable = _load_public_key(config.public_key_file, self._algorithms)
+            self._key_algorithms = list(usable)
         else:
-            raise ConfigError("auth.jwt: public_key_file or jwks_file is required for RS/ES/PS")
+            raise ConfigError(
+                "auth.jwt: RS*/ES*/PS*/EdDSA need one source of public keys: public_key_file "
+                "or jwks_file, jwks_url, or oidc_discovery (with issuer)"
+            )
         required = ["exp"]
         required += ["iat"] if config.max_lifetime_seconds is not None else []
         required += ["iss"] if config.issuer else []
         required += ["aud"] if config.audience else []
         self._options: Any = {"require": required, "verify_aud": config.audience is not None}
 
+    async def verify_async(self, token: str) -> VerifiedToken:
+        """`verify`, and with a JWKS URL: a token naming a `kid` the keys lack waits for one
+        refetch (at most one per jwks_min_refresh_seconds for all tokens), then is verified
+        again; while the provider is failing it gets 503 rather than 401."""
+        try:
+            return self.verify(token)
+        except UnknownKeyId as exc:
+            remote = self.remote
+            if remote is None or exc.kid is None:
+                raise
+            if await remote.refetch_for(exc.kid):
+                return self.verify(token)
+            if remote.failing:
+                raise keys_unavailable(remote.retry_in()) from None
+            raise
+
     def verify(self, token: str) -> VerifiedToken:
+        """The verified token, from the keys known now (no fetch)."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise _failure(exc) from None
+        if header.get("alg") not in self._algorithms:  # before any key: needs none to say so
+            raise _failure(jwt.InvalidAlgorithmError())
+        key, algorithms = self._key_for(header)
         try:
             claims = jwt.decode(
                 token,
-                self._key_for(token),
-                algorithms=self._algorithms,
+                key,
+                algorithms=algorithms,
                 options=self._options,
                 audience=self._config.audience,
                 issuer=self._config.issuer,
@@ -113,15 +200,27 @@ class JwtVerifier:
             issued_at=issued_at,
         )
 
-    def _key_for(self, token: str) -> Any:
-        if not self._jwks:
-            return self._key
-        kid = jwt.get_unverified_header(token).get("kid")
-        if kid not in self._jwks and len(self._jwks) == 1 and kid is None:
-            return next(iter(self._jwks.values()))
-        if kid not in self._jwks:
-            raise jwt.InvalidKeyError("unknown kid")
-        return self._jwks[kid]
+    def _key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        """The key and the algorithms it may verify, for a header whose `alg` is accepted."""
+        if self.remote is None and not self._jwks:
+            if header["alg"] not in self._key_algorithms:
+                raise _failure(jwt.InvalidAlgorithmError())
+            return self._key, self._key_algorithms
+        keys = self._jwks if self.remote is None else self.remote.keys
+        if not keys and self.remote is not None:  # nothing fetched yet: the token may be fine
+            raise keys_unavailable(self.remote.retry_in())
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise _invalid("The token's 'kid' header must be a string.")
+        entries = keys.get(kid)
+        if entries is None and kid is None and len(keys) == 1:
+            entries = next(iter(keys.values()))  # one key, and a token that names none
+        if entries is None:
+            raise UnknownKeyId(kid)
+        for entry in entries:
+            if header["alg"] in entry.algorithms:
+                return entry.key, [header["alg"]]
+        raise _failure(jwt.InvalidAlgorithmError())  # e.g. an RS256 token for an EC key
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         cfg = self._config

@@ -15,7 +15,8 @@ last-use times keep the latest value. Each command touches one key, so this also
 Redis Cluster.
 
 The client is the limiter's (limits/stores/resp.py): one pipelined connection, reconnecting on
-the next call after a failure. Every failure surfaces as KeyStoreUnavailable.
+the next call after a failure; the same Sentinel and Cluster URLs work (limits/stores/urls.py).
+Every failure surfaces as KeyStoreUnavailable.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from llmserve.auth.keys import (
     new_key,
     parse_key_id,
 )
-from llmserve.limits.stores.resp import RespArg, RespClient, RespFailure, Script
+from llmserve.limits.stores.resp import (
+    RedisClient,
+    RespArg,
+    RespFailure,
+    Script,
+    client_from_url,
+)
 
 DEFAULT_KEY_PREFIX = "llmserve:auth:"
 _CAS_ATTEMPTS = 16  # compare-and-set retries before giving up (only under a write storm)
@@ -105,7 +112,7 @@ class RedisKeyStore:
 
     def __init__(
         self,
-        client: RespClient,
+        client: RedisClient,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         *,
         now: Callable[[], float] = time.time,
@@ -118,12 +125,13 @@ class RedisKeyStore:
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> RedisKeyStore:
-        """URL forms and query options: RespClient.from_url (limits/stores/resp.py)."""
-        return cls(RespClient.from_url(url), key_prefix)
+        """URL forms and query options: limits/stores/urls.py (one server, Sentinel,
+        Cluster)."""
+        return cls(client_from_url(url), key_prefix)
 
     @property
     def where(self) -> str:
-        return f"redis at {self.client.options.where}"
+        return f"redis at {self.client.where}"
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -273,7 +281,7 @@ class RedisKeyStore:
         if _config_value(save) or _config_value(appendonly) == "yes":
             return None
         return (
-            f"auth.keys: the Redis server at {self.client.options.where} has no persistence "
+            f"auth.keys: the Redis server at {self.client.where} has no persistence "
             "(no RDB `save`, `appendonly no`): a restart loses every API key and JWT "
             "revocation. Set `appendonly yes` on it; see docs/auth.md."
         )

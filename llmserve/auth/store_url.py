@@ -8,7 +8,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from llmserve.errors import ConfigError
 from llmserve.masking import mask_url_credentials
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+# = llmserve.limits.stores.urls.URL_SCHEMES (not imported: this module stays light)
+REDIS_SCHEMES = (
+    "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+    "rediss+cluster",
+)  # fmt: skip
 DEFAULT_REDIS_KEY_PREFIX = "llmserve:auth:"
 
 
@@ -22,12 +26,12 @@ def check_key_store_url(value: str | os.PathLike[str]) -> None:
     if isinstance(value, str) and "://" in value and not is_redis_url(value):
         raise ConfigError(
             f"unknown key store {mask_url_credentials(value)!r}; expected a directory or "
-            "redis://host:port/db (also rediss:// and unix://)"
+            "redis://host:port/db (also rediss://, unix://, redis+sentinel://, redis+cluster://)"
         )
     if is_redis_url(value):
-        from llmserve.limits.stores.resp import parse_url
+        from llmserve.limits.stores.urls import parse_any_url
 
-        parse_url(split_key_prefix(str(value))[0])
+        parse_any_url(split_key_prefix(str(value))[0])
 
 
 def split_key_prefix(url: str) -> tuple[str, str]:

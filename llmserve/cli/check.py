@@ -11,7 +11,12 @@ import yaml
 
 from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.config import Config, effective_config, resolve_config_path
-from llmserve.engine.vllm_args import cpu_dtype, read_cpu_flags, read_mem_available
+from llmserve.engine.vllm_args import (
+    cpu_dtype,
+    is_multi_node,
+    read_cpu_flags,
+    read_mem_available,
+)
 from llmserve.errors import EngineStartError
 from llmserve.models.sampling import model_sampling_defaults
 
@@ -26,6 +31,7 @@ def check(config: Path | None = ConfigOption) -> None:
     typer.echo(f"# {resolve_config_path(config)}: OK", err=True)
     _show_sampling_defaults(cfg)
     _show_cpu_dtype(cfg)
+    _show_nodes(cfg)
     _check_store_persistence(cfg)
     _check_key_store_persistence(cfg)
     typer.echo(yaml.safe_dump(effective_config(cfg), sort_keys=False).rstrip())
@@ -42,7 +48,9 @@ def _show_sampling_defaults(cfg: Config) -> None:
 
 def _check_store_persistence(cfg: Config) -> None:
     """A Redis limiter store without persistence loses day and month quotas on a restart."""
-    if not cfg.limits.store.startswith(("redis://", "rediss://", "unix://")):
+    from llmserve.auth.store_url import is_redis_url
+
+    if not is_redis_url(cfg.limits.store):  # every Redis form: one server, Sentinel, Cluster
         return
     from llmserve.limits.stores import store_from_url
 
@@ -85,6 +93,23 @@ def _show_cpu_dtype(cfg: Config) -> None:
         return
     choice = cpu_dtype(cfg.engine, read_cpu_flags(), read_mem_available())
     typer.echo(f"# engine.dtype on CPU: {choice.dtype} ({choice.reason})", err=True)
+
+
+def _show_nodes(cfg: Config) -> None:
+    """Which command each node of a multi-node engine runs (docs/scaling.md)."""
+    engine = cfg.engine
+    if engine.kind != "vllm" or not is_multi_node(engine):
+        return
+    nodes = engine.nodes
+    if nodes.nnodes > 1:
+        others = "1" if nodes.nnodes == 2 else f"1 to {nodes.nnodes - 1}"
+        shown = f"`llmserve worker --node-rank N` on node {others}"
+    else:
+        shown = "`llmserve worker --data-parallel-start-rank N` on the nodes of the other ranks"
+    typer.echo(
+        f"# engine.nodes: `llmserve up` on the head (node 0, data-parallel rank 0), {shown}",
+        err=True,
+    )
 
 
 def _check_engine_options(cfg: Config) -> None:

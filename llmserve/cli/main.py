@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 # Each module has `register(app)`; importing them stays cheap (no vllm, no server code).
-_COMMAND_MODULES = ("up", "check", "keys", "models", "bench", "top")
+_COMMAND_MODULES = ("up", "worker", "reload", "check", "keys", "models", "bench", "top")
 
 
 def _version(value: bool) -> None:

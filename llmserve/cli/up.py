@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from llmserve.cli.common import ConfigOption, load_or_exit
+from llmserve.config import resolve_config_path
 
 
 def up(
@@ -31,7 +32,7 @@ def up(
     configure_logging(cfg.logging)
     _use_event_loop(cfg.server.event_loop)
     try:
-        code = asyncio.run(serve(cfg))
+        code = asyncio.run(serve(cfg, resolve_config_path(config), overrides))
     except Exception as exc:  # a start-up failure: one clear line, details in the log
         logging.getLogger("llmserve").error("failed: %s", exc, exc_info=exc)
         typer.echo(f"error: {exc}", err=True)

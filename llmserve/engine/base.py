@@ -35,6 +35,7 @@ class SamplingOptions:
     top_k: int | None = None  # vLLM extension
     priority: int = 0  # higher is more urgent; engines without priority scheduling ignore it
     ignore_eos: bool = False  # generate exactly max_tokens (vLLM extension; benchmarks, tests)
+    adapter: str | None = None  # a LoRA adapter of engine.lora.adapters (None: the base model)
 
 
 @dataclass(frozen=True, slots=True)

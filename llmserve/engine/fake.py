@@ -5,6 +5,8 @@ Prompt tokens: one per whitespace-separated word of the rendered prompt. A chat 
 one line per message, `<role>: <content>`, followed by `assistant:` (the generation prompt), so
 `[{"role": "user", "content": "hi there"}]` is `user: hi there\nassistant:`: 4 tokens.
 A stop string that equals a whole output word ends generation before that word.
+LoRA adapters (engine.lora.adapters) are names only: the adapter at position k (from 0) starts
+its output 5 x (k + 1) words further into `WORDS`, so each model name answers differently.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from llmserve.engine.base import (
     RankStats,
     SamplingOptions,
 )
+from llmserve.errors import InvalidRequest
 
 WORDS = (
     "The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
@@ -57,8 +60,10 @@ class FakeEngine:
         fail_after_tokens: int | None = None,
         max_num_seqs: int = 16,
         data_parallel_size: int = 1,
+        adapters: tuple[str, ...] = (),
     ) -> None:
         self._model_name = model_name
+        self.adapters = adapters
         self._max_model_len = max_model_len
         self.ttft_seconds = ttft_seconds
         self.tokens_per_second = tokens_per_second
@@ -92,6 +97,7 @@ class FakeEngine:
             fail_after_tokens=fake.fail_after_tokens,
             max_num_seqs=config.max_num_seqs,
             data_parallel_size=config.data_parallel_size,
+            adapters=tuple(config.lora.adapters),
         )
 
     @property
@@ -125,6 +131,8 @@ class FakeEngine:
         self, prompt: Prompt, options: SamplingOptions, request_id: str
     ) -> AsyncGenerator[Delta, None]:
         self._check_alive()
+        if options.adapter is not None and options.adapter not in self.adapters:
+            raise InvalidRequest(f"This server has no adapter {options.adapter!r}.", param="model")
         self.calls.append(GenerateCall(request_id, prompt, options))
         self.running += 1
         self.max_running = max(self.max_running, self.running)
@@ -148,10 +156,11 @@ class FakeEngine:
         if self.output_tokens is not None:
             limit = min(limit, self.output_tokens)
         stops = set(options.stop)
+        offset = 0 if options.adapter is None else 5 * (self.adapters.index(options.adapter) + 1)
         for i in range(limit):
             if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
                 raise EngineError(f"fake engine failure after {i} tokens")
-            word = WORDS[i % len(WORDS)]
+            word = WORDS[(i + offset) % len(WORDS)]
             if word in stops:
                 yield Delta(text="", num_tokens=0, finish_reason="stop")
                 return

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from llmserve.config import EngineConfig
+from llmserve.engine import vllm_lora
 from llmserve.engine.base import (
     Delta,
     EngineError,
@@ -81,6 +82,7 @@ class VLLMEngine:
         self._lock = threading.Lock()  # orders close() against a start-up thread
         self._reaper: Reaper | None = None  # kills the engine's processes if the server dies
         self._aborting: set[str] = set()  # requests abort() ended: no finish is expected
+        self._loras: dict[str, Any] = {}  # adapter name -> vLLM's LoRARequest (engine.lora)
         self.start_seconds: float | None = None
 
     @property
@@ -131,6 +133,8 @@ class VLLMEngine:
             self._frontend = await build_frontend(
                 llm, frontend_args(self._config, _frontend_arg_names())
             )
+            self._loras = _lora_requests(self._vllm.LoRARequest, self._config)
+            self._frontend.share_loras(self._loras)
         except Exception as exc:
             _shutdown(llm)
             raise EngineStartError(f"vLLM's request handlers could not start: {exc}") from exc
@@ -138,6 +142,7 @@ class VLLMEngine:
 
     def _build(self) -> None:
         _check_model_exists(self._config.model)
+        vllm_lora.check_adapters(self._config)
         for name, value in BASE_ENV.items():
             os.environ.setdefault(name, value)
         device = resolve_device(self._config, _cuda_available())
@@ -266,6 +271,7 @@ class VLLMEngine:
             self._sampling_params(options),
             request_id,
             **self._priority(options),
+            **self._lora(options),
         )
         finished = False
         try:
@@ -323,6 +329,14 @@ class VLLMEngine:
         except (ValueError, self._vllm.VLLMValidationError) as exc:  # vLLM's range checks
             raise InvalidRequest(str(exc)) from None
 
+    def _lora(self, options: SamplingOptions) -> dict[str, Any]:
+        if options.adapter is None:
+            return {}
+        lora = self._loras.get(options.adapter)
+        if lora is None:
+            raise InvalidRequest(f"This server has no adapter {options.adapter!r}.", param="model")
+        return {"lora_request": lora}
+
     def _priority(self, options: SamplingOptions) -> dict[str, int]:
         if self._launch is None or not self._launch.priority_scheduling:
             return {}
@@ -337,6 +351,17 @@ def _engine_arg_objects(engine_args: dict[str, Any]) -> dict[str, Any]:
     from vllm.config import StructuredOutputsConfig
 
     return {**engine_args, "structured_outputs_config": StructuredOutputsConfig(**structured)}
+
+
+def _lora_requests(lora_request: Any, config: EngineConfig) -> dict[str, Any]:
+    """vLLM's LoRARequest of each adapter of engine.lora, with its stable id (vllm_lora.py)."""
+    base = config.model_name
+    return {
+        a.name: lora_request(
+            lora_name=a.name, lora_int_id=a.lora_id, lora_path=a.path, base_model_name=base
+        )
+        for a in vllm_lora.adapters(config)
+    }
 
 
 def _delta_of(output: Any) -> Delta | None:
@@ -428,6 +453,7 @@ def _import_vllm() -> SimpleNamespace:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.exceptions import VLLMValidationError
     from vllm.inputs import tokens_input
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError
@@ -436,6 +462,7 @@ def _import_vllm() -> SimpleNamespace:
         AsyncEngineArgs=AsyncEngineArgs,
         AsyncLLM=AsyncLLM,
         EngineDeadError=EngineDeadError,
+        LoRARequest=LoRARequest,
         RequestOutputKind=RequestOutputKind,
         SamplingParams=SamplingParams,
         tokens_input=tokens_input,

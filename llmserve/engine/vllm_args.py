@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmserve.config import EngineConfig
+from llmserve.engine import vllm_lora
 from llmserve.errors import EngineStartError
 
 Device = Literal["cpu", "cuda"]
@@ -23,6 +24,18 @@ Device = Literal["cpu", "cuda"]
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 # On CPU the model runs inside the engine-core process ("uni"): faster and 700 MB lighter here.
 CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+# engine.nodes settings: vLLM's AsyncEngineArgs of the same names (docs/scaling.md).
+NODE_SETTINGS = (
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "data_parallel_size_local",
+    "data_parallel_start_rank",
+    "data_parallel_address",
+    "data_parallel_rpc_port",
+)
 
 # Settings that have their own EngineConfig field: setting them in `options` is ambiguous.
 _OWN_FIELDS = {
@@ -40,6 +53,8 @@ _OWN_FIELDS = {
     "gpu_memory_utilization": "gpu_memory_utilization",
     "kv_cache_memory_bytes": "cpu_kv_cache_bytes",
     "reasoning_parser": "reasoning_parser",
+    **{name: f"nodes.{name}" for name in NODE_SETTINGS},
+    **vllm_lora.OWN_FIELDS,
 }
 # Frontend settings (`vllm serve` flags) with their own EngineConfig field.
 _OWN_FRONTEND_FIELDS = {
@@ -49,6 +64,7 @@ _OWN_FRONTEND_FIELDS = {
     "chat_template": "chat_template",
     "served_model_name": "served_model_name",
     "model": "model",
+    **vllm_lora.OWN_FRONTEND_FIELDS,
 }
 
 
@@ -83,8 +99,35 @@ def build_launch(
     """The full launch description; raise EngineStartError for options vLLM would refuse.
     `cpu_flags` and `mem_available` (read_cpu_flags, read_mem_available) steer `dtype: auto`
     on CPU."""
+    check_head_node(config)
+    return _launch(config, device, known_options, cpu_flags, mem_available, head=True)
+
+
+def build_worker_launch(
+    config: EngineConfig,
+    device: Device,
+    known_options: Collection[str],
+    cpu_flags: Collection[str] = frozenset(),
+    mem_available: int | None = None,
+) -> EngineLaunch:
+    """What `llmserve worker` gives vLLM's headless mode (`vllm serve --headless`): the head's
+    settings with this node's rank; raise EngineStartError when this node has nothing to run."""
+    worker_plan(config)
+    return _launch(config, device, known_options, cpu_flags, mem_available, head=False)
+
+
+def _launch(
+    config: EngineConfig,
+    device: Device,
+    known_options: Collection[str],
+    cpu_flags: Collection[str],
+    mem_available: int | None,
+    *,
+    head: bool,
+) -> EngineLaunch:
     check_options(config.options, known_options)
     args = _common_args(config)
+    args.update(node_args(config, head=head))
     cpu = device == "cpu"
     args.update(_cpu_args(config, cpu_flags, mem_available) if cpu else _cuda_args(config))
     args.update(config.options)
@@ -133,6 +176,7 @@ def frontend_args(config: EngineConfig, known_options: Collection[str]) -> list[
         args.append("--enable-auto-tool-choice")
     if config.chat_template:
         args += ["--chat-template", config.chat_template]
+    args += vllm_lora.lora_module_args(config)
     for name, value in config.frontend_options.items():
         if name in _OWN_FRONTEND_FIELDS:
             raise EngineStartError(
@@ -178,6 +222,7 @@ def _common_args(config: EngineConfig) -> dict[str, Any]:
         **({"distributed_executor_backend": executor} if executor else {}),
         # Stats stay on: our stat logger and vLLM's own vllm:* Prometheus series need them.
         "disable_log_stats": False,
+        **vllm_lora.lora_engine_args(config),
     }
 
 
@@ -281,12 +326,154 @@ def _cpu_args(
         "dtype": cpu_dtype(config, cpu_flags, mem_available).dtype,
         "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
         "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
-        "distributed_executor_backend": config.distributed_executor_backend or "uni",
+        # one worker per replica runs inside the engine core; several need processes
+        "distributed_executor_backend": config.distributed_executor_backend
+        or ("uni" if _replica_workers(config) == 1 else "mp"),
         # Whole prompts in one step: a chunked seeded prefill crashes the CPU engine.
         "enable_chunked_prefill": False,
         "max_num_batched_tokens": max(config.max_model_len, 2048),
+        # an empty LoRA slot: base-model requests next to adapter ones stay on the base model
+        **vllm_lora.cpu_lora_args(config),
     }
 
 
 def _cuda_args(config: EngineConfig) -> dict[str, Any]:
     return {"gpu_memory_utilization": config.gpu_memory_utilization}
+
+
+# -- several nodes (docs/scaling.md) -----------------------------------------------------------
+
+
+def _replica_workers(config: EngineConfig) -> int:
+    return config.tensor_parallel_size * config.pipeline_parallel_size
+
+
+def is_multi_node(config: EngineConfig) -> bool:
+    """Whether the engine runs on more nodes than the head: `nodes.nnodes > 1`, or fewer
+    data-parallel replicas on the head than in all."""
+    nodes = config.nodes
+    local = nodes.data_parallel_size_local
+    return nodes.nnodes > 1 or (local is not None and local < config.data_parallel_size)
+
+
+def node_args(config: EngineConfig, *, head: bool) -> dict[str, Any]:
+    """The AsyncEngineArgs of `engine.nodes` (none on a single node). The head never gets a
+    data-parallel start rank: vLLM would take it for its hybrid load-balancing mode."""
+    if not is_multi_node(config):
+        return {}
+    nodes = config.nodes
+    args: dict[str, Any] = {"nnodes": nodes.nnodes, "node_rank": nodes.node_rank}
+    for name in NODE_SETTINGS[2:]:
+        value = getattr(nodes, name)
+        if value is not None and not (head and name == "data_parallel_start_rank"):
+            args[name] = value
+    return args
+
+
+def check_head_node(config: EngineConfig) -> None:
+    """`llmserve up` is node 0: it runs the API and data-parallel rank 0."""
+    nodes = config.nodes
+    if not is_multi_node(config):
+        return
+    if nodes.node_rank != 0:
+        raise EngineStartError(
+            f"engine.nodes.node_rank is {nodes.node_rank}: `llmserve up` runs node 0 (the head); "
+            f"on node {nodes.node_rank} run `llmserve worker`"
+        )
+    if nodes.data_parallel_start_rank:
+        raise EngineStartError(
+            f"engine.nodes.data_parallel_start_rank is {nodes.data_parallel_start_rank}: the "
+            "head (`llmserve up`) has rank 0; a worker node's start rank belongs to "
+            "`llmserve worker --data-parallel-start-rank`"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    """What one `llmserve worker` node runs, as vLLM's headless mode will decide it."""
+
+    node_rank: int
+    nnodes: int
+    ranks: range  # the data-parallel ranks this node serves
+    engines: bool  # True: engine cores of `ranks`; False: workers of a replica led elsewhere
+
+    def describe(self, config: EngineConfig) -> str:
+        nodes = config.nodes
+        ranks = _show_ranks(self.ranks)
+        where = f"node {self.node_rank} of {self.nnodes}" if self.nnodes > 1 else "a worker node"
+        if self.engines:
+            host = nodes.data_parallel_address or nodes.master_addr
+            port = nodes.data_parallel_rpc_port or 29550
+            return (
+                f"{where}: vLLM headless engine(s) for data-parallel rank(s) {ranks} of "
+                f"{config.data_parallel_size}, handshake with the head at {host}:{port}"
+            )
+        port = nodes.master_port or 29501
+        return (
+            f"{where}: vLLM headless workers of data-parallel rank {ranks}, whose tensor x "
+            f"pipeline parallel group ({_replica_workers(config)} workers) spans nodes; "
+            f"torch.distributed at {nodes.master_addr}:{port}"
+        )
+
+
+def _show_ranks(ranks: range) -> str:
+    return str(ranks.start) if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+
+
+def worker_plan(config: EngineConfig) -> WorkerPlan:
+    """This worker node's share (vLLM's own inference, arg_utils.create_engine_config and
+    ParallelConfig.node_rank_within_dp). Raise EngineStartError when the engine runs on one
+    node, or the settings are not a worker node's."""
+    if not is_multi_node(config):
+        raise EngineStartError(
+            "engine.nodes: this config runs on one node (nodes.nnodes is 1 and every "
+            "data-parallel replica is local): `llmserve worker` has nothing to run"
+        )
+    nodes = config.nodes
+    dp, per_replica = config.data_parallel_size, _replica_workers(config)
+    local, start = nodes.data_parallel_size_local, nodes.data_parallel_start_rank
+    if config.data_parallel_backend == "ray" or config.distributed_executor_backend == "ray":
+        raise EngineStartError(
+            "engine: `llmserve worker` runs vLLM's multiprocess backend; with Ray, nodes join "
+            "with `ray start --address` and need no llmserve worker"
+        )
+    if nodes.nnodes == 1:
+        if not start:
+            raise EngineStartError(
+                "engine.nodes.data_parallel_start_rank: give this worker node its first "
+                "data-parallel rank, 1 or more (`llmserve worker --data-parallel-start-rank N`)"
+            )
+        assert local is not None  # is_multi_node
+        return WorkerPlan(0, 1, range(start, start + local), engines=True)
+    if nodes.node_rank == 0:
+        ranks = "1" if nodes.nnodes == 2 else f"1 to {nodes.nnodes - 1}"
+        raise EngineStartError(
+            "engine.nodes.node_rank is 0, the head (`llmserve up`): give this worker node its "
+            f"rank, {ranks} (`llmserve worker --node-rank N`)"
+        )
+    local_world = dp * per_replica // nodes.nnodes
+    inferred = nodes.node_rank * local_world // per_replica
+    if local_world >= per_replica:  # whole replicas on each node
+        count = local if local is not None else local_world // per_replica
+        first = start if start is not None else inferred
+        return WorkerPlan(nodes.node_rank, nodes.nnodes, range(first, first + count), True)
+    nodes_per_replica = per_replica // local_world
+    engines = nodes.node_rank % nodes_per_replica == 0  # leads its replica: the engine core
+    return WorkerPlan(nodes.node_rank, nodes.nnodes, range(inferred, inferred + 1), engines)
+
+
+# AsyncEngineArgs whose `vllm serve` flag has no --no- form (false is their default).
+_STORE_TRUE_FLAGS = frozenset({"disable_log_stats", "aggregate_engine_logging"})
+
+
+def vllm_serve_command(engine_args: Mapping[str, Any], headless: bool = True) -> list[str]:
+    """The `vllm serve` command line that makes these AsyncEngineArgs (logged by `llmserve
+    worker`; benchmarks/gpu_check.sh runs it for a bare vLLM with llmserve's settings)."""
+    args = dict(engine_args)
+    command = ["vllm", "serve", str(args.pop("model"))]
+    if headless:
+        command.append("--headless")
+    for name, value in args.items():
+        if value is not None and not (value is False and name in _STORE_TRUE_FLAGS):
+            command += _flag(name, value)
+    return command

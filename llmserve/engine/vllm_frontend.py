@@ -150,6 +150,21 @@ class VLLMFrontend:
         self._models = request_models
         self._errors = errors
 
+    def share_loras(self, loras: Mapping[str, Any]) -> None:
+        """Make vLLM's handlers run each adapter with the fast path's own LoRARequest (same id,
+        same path: one loaded copy). vLLM numbered its `--lora-modules` itself; a number that
+        differs from ours is logged, then ours wins."""
+        registry = self._state.openai_serving_models.lora_requests
+        for name, ours in loras.items():
+            theirs = registry.get(name)
+            if theirs is None or (theirs.lora_int_id, theirs.lora_path) != (
+                ours.lora_int_id,
+                ours.lora_path,
+            ):
+                log.warning("vLLM registered LoRA adapter %r as %r; using id %s, path %s",
+                            name, theirs, ours.lora_int_id, ours.lora_path)  # fmt: skip
+            registry[name] = ours
+
     def request_fields(self, route: FrontendRoute) -> frozenset[str]:
         if route == "tokenize":
             return frozenset(self._models["tokenize_chat"].model_fields) | frozenset(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from llmserve.config import LimitsConfig
-from llmserve.errors import ServiceUnavailable, retry_after_header
+from llmserve.errors import ConfigError, ServiceUnavailable, retry_after_header
 from llmserve.limits.blocks import RequestBlocks
 from llmserve.limits.breaker import StoreBreaker
 from llmserve.limits.denials import limit_reached, never_fits
@@ -109,6 +109,15 @@ class Limiter:
     @property
     def never_suspends(self) -> bool:
         return bool(getattr(self.store, "never_suspends", False))
+
+    def reconfigure(self, config: LimitsConfig) -> None:
+        """New tiers and limits for the requests that reserve from now on (server/reload.py);
+        a reservation already made settles under the plan it was made with."""
+        if (config.store, config.state_dir) != (self.config.store, self.config.state_dir):
+            raise ConfigError("limits.store and limits.state_dir need a restart")
+        self.config = config
+        self._plans = {}
+        self.holds.lease_seconds = config.hold_lease_seconds
 
     def plan(self, tier_name: str | None, overrides: Mapping[str, int]) -> TierPlan:
         """The tier as applied (limits, weight, default_max_tokens, priority); cached."""

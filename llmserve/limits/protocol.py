@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from llmserve.config import LimitsConfig
 from llmserve.limits.limiter import Reservation, Settlement
 from llmserve.limits.tiers import TierPlan
 
@@ -17,6 +18,9 @@ class RateLimiter(Protocol):
         gateway then needs no task to shield them from a cancelled request."""
 
     def plan(self, tier_name: str | None, overrides: Mapping[str, int]) -> TierPlan: ...
+
+    def reconfigure(self, config: LimitsConfig) -> None:
+        """New tiers and limits for the requests that reserve from now on."""
 
     def refuse_early(
         self, principal_id: str, tier_name: str | None, overrides: Mapping[str, int]

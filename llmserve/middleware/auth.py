@@ -6,13 +6,14 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from llmserve.app_state import GATEWAY
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.permissions import ensure_admin
 from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import ServerConfig
 from llmserve.request_state import PRINCIPAL
 
-ADMIN_PATHS = frozenset({"/metrics", "/ready"})
+ADMIN_PATHS = frozenset({"/metrics", "/ready", "/admin/reload"})
 
 
 def public_paths(server: ServerConfig) -> frozenset[str]:
@@ -36,13 +37,21 @@ def request_principal(request: web.Request) -> Principal:
 
 
 def auth_middleware(authenticator: Authenticator, server: ServerConfig) -> Middleware:
-    """Sets request[PRINCIPAL]; raises AuthenticationFailed (401) / PermissionDenied (403)."""
-    open_paths = public_paths(server)
+    """Sets request[PRINCIPAL]; raises AuthenticationFailed (401) / PermissionDenied (403).
+    Which paths are public follows the live config (`server.public_*`, reloadable)."""
+    live: list[tuple[ServerConfig, frozenset[str]]] = [(server, public_paths(server))]
+
+    def open_paths(request: web.Request) -> frozenset[str]:
+        gateway = request.app.get(GATEWAY)  # absent only in a bare app (tests of this module)
+        now = gateway.config.server if gateway is not None else live[0][0]
+        if live[0][0] is not now:
+            live[0] = (now, public_paths(now))
+        return live[0][1]
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = _route_path(request)
-        if path in open_paths:
+        if path in open_paths(request):
             request[PRINCIPAL] = ANONYMOUS
             return await handler(request)
         principal = await authenticator.authenticate(request.headers)

@@ -2,7 +2,8 @@
 once, before authentication (browsers send preflights without credentials); every response to
 an allowed origin, errors and streams included, names it in `Access-Control-Allow-Origin`.
 Requests from other origins get no CORS headers, so the browser keeps their answers from the
-page."""
+page. The settings are read per request (`settings(request)`), so a config reload changes
+them."""
 
 from __future__ import annotations
 
@@ -17,10 +18,16 @@ from llmserve.errors import PermissionDenied
 _PREFLIGHT_METHOD = "Access-Control-Request-Method"
 
 
-def cors_middleware(cors: CorsConfig) -> Middleware:
+Settings = Callable[[web.Request], CorsConfig]
+
+
+def cors_middleware(settings: Settings) -> Middleware:
     @web.middleware
     async def answer_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method != "OPTIONS" or _PREFLIGHT_METHOD not in request.headers:
+            return await handler(request)
+        cors = settings(request)
+        if not cors.allowed_origins:
             return await handler(request)
         origin = request.headers.get("Origin", "")
         if not cors.allows(origin):
@@ -48,11 +55,14 @@ def _preflight_headers(cors: CorsConfig, request: web.Request, origin: str) -> d
 
 
 def cors_response_hook(
-    cors: CorsConfig,
+    settings: Settings,
 ) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
-        if origin and cors.allows(origin):
+        if not origin:
+            return
+        cors = settings(request)
+        if cors.allowed_origins and cors.allows(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = ", ".join(cors.expose_headers)
             response.headers.add("Vary", "Origin")

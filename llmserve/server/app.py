@@ -11,11 +11,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from llmserve.admission.protocol import Admission
-from llmserve.api import generation, info
+from llmserve.api import admin, generation, info
 from llmserve.api.gateway import Gateway
 from llmserve.app_state import CONFIG, GATEWAY, LEDGER, LIFECYCLE, METRICS
 from llmserve.auth.principal import ANONYMOUS, Principal
-from llmserve.config import Config
+from llmserve.config import Config, CorsConfig
 from llmserve.engine.base import Engine
 from llmserve.lifecycle import Lifecycle
 from llmserve.limits.protocol import RateLimiter
@@ -46,8 +46,7 @@ def build_app(
     """The API application. The engine starts in the background when the app starts, so /health
     answers at once and /ready turns 200 when the model is loaded."""
     middlewares: list[Middleware] = [context_middleware]  # it turns errors into responses too
-    if config.server.cors.allowed_origins:
-        middlewares.append(cors_middleware(config.server.cors))  # preflights carry no key
+    middlewares.append(cors_middleware(_live_cors))  # preflights carry no key
     middlewares.append(auth_middleware or anonymous_principal)
     app = web.Application(
         middlewares=middlewares,
@@ -65,8 +64,7 @@ def build_app(
     app[METRICS] = metrics
     app[LEDGER] = ledger
     app.on_response_prepare.append(add_request_id)
-    if config.server.cors.allowed_origins:
-        app.on_response_prepare.append(cors_response_hook(config.server.cors))
+    app.on_response_prepare.append(cors_response_hook(_live_cors))
     app.cleanup_ctx.append(_engine_context)
     add_routes(app)
     return app
@@ -84,7 +82,13 @@ def build_admin_app(main: web.Application) -> web.Application:
     app.router.add_get("/health", info.health)
     app.router.add_get("/ready", info.ready)
     app.router.add_get("/metrics", info.metrics)
+    app.router.add_post("/admin/reload", admin.reload)
     return app
+
+
+def _live_cors(request: web.Request) -> CorsConfig:
+    """The CORS settings now (a reload may change them)."""
+    return request.app[GATEWAY].config.server.cors
 
 
 def add_routes(app: web.Application) -> None:
@@ -98,6 +102,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", info.health)
     app.router.add_get("/ready", info.ready)
     app.router.add_get("/metrics", info.metrics)
+    app.router.add_post("/admin/reload", admin.reload)
 
 
 @web.middleware

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from llmserve.admission import AdmissionQueue
-from llmserve.app_state import GATEWAY
+from llmserve.app_state import AUTHENTICATOR, GATEWAY
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.redact import install_redaction
 from llmserve.auth.store import key_store_from_url
@@ -56,6 +56,17 @@ def _closing(closers: list[Callable[[], Any]]) -> CleanupContext:
     return close_all
 
 
+def _starting(authenticator: Authenticator) -> CleanupContext:
+    """Once the server runs: the authenticator's background work (the JWKS refresher, whose
+    first fetch never blocks the start). `authenticator.close`, a closer, stops it."""
+
+    async def start(app: web.Application) -> AsyncIterator[None]:
+        await authenticator.start()
+        yield
+
+    return start
+
+
 def _warn_without_persistence(store: object) -> CleanupContext:
     """Once the server runs: warn when the limiter's Redis keeps no copy of its data."""
 
@@ -80,13 +91,14 @@ async def _log_warning(probe: Callable[[], Awaitable[str | None]]) -> None:
 def build_components(config: Config, *, registry: CollectorRegistry | None = None) -> Components:
     install_redaction()
     closers: list[Callable[[], Any]] = []
-    middleware = _auth(config, closers)
+    middleware, authenticator = _auth(config, closers)
     limiter = Limiter(config.limits, store_from_url(config.limits.store, config.limits.state_dir))
     closers.append(limiter.close)
     ledger = open_ledger(config.usage)
     if ledger is not None:
         closers.append(ledger.close)
-    metrics = Metrics(registry or CollectorRegistry(), config.metrics, limiter_stats=limiter.stats)
+    metrics = Metrics(registry or CollectorRegistry(), config.metrics, limiter_stats=limiter.stats,
+                      jwks_stats=authenticator.jwks_stats)  # fmt: skip
     pauses = PauseRecorder(metrics.observe_gc_pause)
     pauses.install()
     closers.append(pauses.remove)
@@ -94,20 +106,22 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
     admission = AdmissionQueue.from_config(config, observer=metrics.admission_observer())
     app = build_app(config, engine, limiter=limiter, admission=admission, metrics=metrics,
                     ledger=ledger, auth_middleware=middleware)  # fmt: skip
+    app[AUTHENTICATOR] = authenticator  # server/reload.py hands it new auth settings
     _bind_metrics(metrics, app, engine, admission, config)
     admin = build_admin_app(app) if config.server.admin_port is not None else None
     app.cleanup_ctx.insert(0, _closing(closers))  # first in: cleaned up last, after the engine
+    app.cleanup_ctx.insert(1, _starting(authenticator))  # its JWKS fetch begins with the engine's
     app.cleanup_ctx.append(_warn_without_persistence(limiter.store))
     return Components(app=app, admin_app=admin)
 
 
-def _auth(config: Config, closers: list[Callable[[], Any]]) -> Any:
+def _auth(config: Config, closers: list[Callable[[], Any]]) -> tuple[Any, Authenticator]:
     store = key_store_from_url(config.auth.keys) if config.auth.enabled else None
     authenticator = Authenticator(config.auth, store, known_tiers=config.limits.tiers)
     if store is not None:
         closers.append(store.close)
     closers.append(authenticator.close)
-    return auth_middleware(authenticator, config.server)
+    return auth_middleware(authenticator, config.server), authenticator
 
 
 def _bind_metrics(metrics: Metrics, app: web.Application, engine: Engine,

@@ -11,16 +11,19 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from llmserve.app_state import GATEWAY, LIFECYCLE
+from llmserve.app_state import GATEWAY, LIFECYCLE, METRICS, RELOADER
 from llmserve.config import Config
 from llmserve.server.app import ENGINE_START
 from llmserve.server.components import Components, build_components
 from llmserve.server.heap import collect_every, freeze_heap, tune_collector
 from llmserve.server.http import AppRunner
+from llmserve.server.reload import Reloader
 
 log = logging.getLogger("llmserve.server")
 
@@ -28,8 +31,20 @@ FORCED_STOP_SECONDS = 5.0  # after the grace time: how long cancelled requests g
 ENGINE_WATCH_SECONDS = 0.5
 
 
-async def serve(config: Config) -> int:
+async def serve(
+    config: Config, source: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> int:
+    """Run until a signal or an engine failure. `source`: the config file, read again on
+    SIGHUP or POST /admin/reload (server/reload.py); `overrides`: server settings given on the
+    command line, kept across reloads."""
     components = build_components(config)
+    reloader = Reloader(components.app, config, source, dict(overrides or {}))
+    for app in (components.app, components.admin_app):
+        if app is not None:
+            app[RELOADER] = reloader
+    metrics = components.app.get(METRICS)
+    if metrics is not None:
+        metrics.config_loaded(reloader.sha256)
     if config.server.gc_collect_seconds > 0:
         components.app.cleanup_ctx.append(_collecting(config.server.gc_collect_seconds))
     runner = AppRunner(
@@ -115,11 +130,20 @@ def _addresses(runner: web.AppRunner) -> list[tuple[str, int]]:
 
 
 async def _wait_for_end(app: web.Application) -> int:
-    """Block until a signal (exit 0) or an engine failure (exit 1)."""
+    """Block until a signal (exit 0) or an engine failure (exit 1); SIGHUP reloads the config."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+    reloader = app.get(RELOADER)
+    if reloader is not None:
+        def on_sighup() -> None:
+            task: asyncio.Task[object] = loop.create_task(reloader.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     watcher = asyncio.create_task(_watch_engine(app))
     signalled = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({watcher, signalled}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,4 +1,5 @@
-"""Limiter state stores, chosen by URL: `memory://` (default) or `redis://host:6379/0`."""
+"""Limiter state stores, chosen by URL: `memory://` (default) or a Redis URL
+(`redis://host:6379/0`, also TLS, unix socket, Sentinel and Cluster: stores/urls.py)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,27 @@ from llmserve.errors import ConfigError
 from llmserve.limits.stores.base import ReserveOutcome, Store, StoreUnavailable
 from llmserve.limits.stores.memory import MemoryStore
 from llmserve.limits.stores.redis import DEFAULT_KEY_PREFIX, RedisStore
+from llmserve.limits.stores.urls import URL_SCHEMES
 from llmserve.masking import mask_url_credentials
 
 __all__ = ["MemoryStore", "ReserveOutcome", "Store", "StoreUnavailable", "store_from_url"]
-
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def store_from_url(url: str, state_dir: Path | None = None) -> Store:
     """Build the store a `limits.store` URL names.
 
     `memory://` persists to `state_dir` when one is given. Redis URLs (`redis://`, `rediss://`,
-    `unix://`; see stores/resp.py) take the query options `key_prefix`, `socket_timeout` and
-    `socket_connect_timeout` (`unix://` also `db`). Anything else is a ConfigError.
+    `unix://`, `redis+sentinel://`, `redis+cluster://`...; forms and query options:
+    stores/urls.py) also take `key_prefix`. Anything else is a ConfigError.
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryStore(state_dir)
-    if scheme in _REDIS_SCHEMES:
+    if scheme in URL_SCHEMES:
         return _redis_store(url)
     raise ConfigError(
         f"limits.store: unknown store {mask_url_credentials(url)!r}; expected memory:// or "
-        "redis://host:port/db (also rediss:// and unix://)"
+        "redis://host:port/db (also rediss://, unix://, redis+sentinel://, redis+cluster://)"
     )
 
 

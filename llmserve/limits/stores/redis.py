@@ -11,8 +11,10 @@ out, because the process that made it died, gets its tokens refunded by the next
 leases of its live holds. A settlement is recorded for a while after it ran, so a reserve
 that reaches Redis after its own settlement (a reply lost, Redis paused) charges nothing.
 
-The client is our own (stores/resp.py): one connection, commands pipelined on it. Failures
-surface as StoreUnavailable, and the limiter applies `limits.on_store_error`:
+The client is our own (stores/resp.py): one connection, commands pipelined on it; behind a
+Sentinel URL it follows the master (stores/sentinel.py), behind a Cluster URL it sends each
+script to the node of its principal's slot (stores/cluster.py). Failures surface as
+StoreUnavailable, and the limiter applies `limits.on_store_error`:
 
 - Redis restarted or killed: calls in flight fail; the next call connects again, and after a
   restart the scripts are loaded again (NOSCRIPT: the script did not run, so retrying it is
@@ -34,7 +36,14 @@ from importlib import resources
 from typing import Any
 
 from llmserve.limits.stores.base import Hold, ReserveOutcome, StoreUnavailable
-from llmserve.limits.stores.resp import RespArg, RespClient, RespFailure, RespNotSent, Script
+from llmserve.limits.stores.resp import (
+    RedisClient,
+    RespArg,
+    RespFailure,
+    RespNotSent,
+    Script,
+    client_from_url,
+)
 from llmserve.limits.windows import WindowCharge
 
 DEFAULT_KEY_PREFIX = "llmserve:limits:"
@@ -54,7 +63,7 @@ def _script(name: str) -> Script:
 class RedisStore:
     leases = True  # shared by processes: a hold outlives a dead one until its lease ends
 
-    def __init__(self, client: RespClient, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
         self.client = client
         self._prefix = key_prefix
         self._reserve = _script("reserve.lua")
@@ -63,8 +72,8 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> RedisStore:
-        """URL forms and query options: RespClient.from_url (stores/resp.py)."""
-        return cls(RespClient.from_url(url), key_prefix)
+        """URL forms and query options: stores/urls.py (one server, Sentinel, Cluster)."""
+        return cls(client_from_url(url), key_prefix)
 
     async def reserve(self, principal_id: str, hold: Hold) -> ReserveOutcome:
         now, charges = hold.reserved_at, hold.charges
@@ -135,7 +144,7 @@ class RedisStore:
         if _config_value(save) or _config_value(appendonly) == "yes":
             return None
         return (
-            f"limits.store: the Redis server at {self.client.options.where} has no persistence "
+            f"limits.store: the Redis server at {self.client.where} has no persistence "
             "(no RDB `save`, `appendonly no`): a restart resets every day and month quota. "
             "Set `appendonly yes` (or a `save` schedule) on it; see docs/limits.md."
         )

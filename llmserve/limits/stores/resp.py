@@ -6,6 +6,9 @@
     await client.evalsha(Script(lua_source), keys, args)  # loads the script if Redis lacks it
     await client.close()
 
+URL forms and options: stores/urls.py. `client_from_url` also takes Sentinel
+(stores/sentinel.py) and Cluster (stores/cluster.py) URLs; both are built on RespClient.
+
 All callers share one connection. A command is sent without waiting for earlier replies
 (the commands of one event-loop turn go out in one write) and Redis answers in order, so each
 caller waits on a future in a FIFO deque. Redis runs commands one at a time anyway: one
@@ -28,23 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import select
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+from typing import Any, Protocol, cast
 
 from llmserve.errors import ConfigError, LLMServeError
-from llmserve.masking import mask_url_credentials
+from llmserve.limits.stores.urls import (
+    ClusterOptions,
+    RespOptions,
+    SentinelOptions,
+    parse_any_url,
+    parse_url,
+)
 
-# A limiter must answer fast even when Redis does not: a call waits at most this long for
-# its reply. Connecting gets longer: it happens once, on a possibly busy event loop.
-DEFAULT_SOCKET_TIMEOUT = 0.5  # seconds
-DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds
-DEFAULT_PORT = 6379
 _TIMER_SLACK = 0.001  # seconds: timers may fire this early (uvloop's clock has ms steps)
 
 RespArg = bytes | str | int | float
@@ -65,99 +66,6 @@ class RespConnectionError(RespFailure):
 class RespNotSent(RespConnectionError):
     """No connection (it could not be made, or the client is closed): the command was never
     written, so it certainly did not run."""
-
-
-# --- URL --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RespOptions:
-    host: str = "localhost"
-    port: int = DEFAULT_PORT
-    unix_path: str | None = None
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    db: int = 0
-    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
-    socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-
-    @property
-    def where(self) -> str:
-        """The server, for messages (never the password)."""
-        return self.unix_path or f"{self.host}:{self.port}"
-
-
-_TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
-
-
-def parse_url(url: str) -> RespOptions:
-    """`redis://[[user]:password@]host[:port][/db]`, `rediss://...` (TLS), or
-    `unix://[[user]:password@]/path/to.sock?db=N`; query: socket_timeout, socket_connect_timeout.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            "Redis URL must start redis://, rediss:// or unix://, "
-            f"not {mask_url_credentials(url)!r}"
-        )
-    query = _query(parts)
-    common = {**_credentials(parts), **_timeouts(query)}
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ConfigError("a unix:// Redis URL needs a socket path: unix:///path/to.sock")
-        return RespOptions(unix_path=unquote(parts.path), db=_db(query.get("db", "0")), **common)
-    host, port = parts.hostname or "localhost", _port(parts)
-    db = _db(parts.path.lstrip("/") or "0")
-    return RespOptions(host, port, tls=parts.scheme == "rediss", db=db, **common)
-
-
-def _query(parts: SplitResult) -> dict[str, str]:
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    supported = ("db", *_TIMEOUT_OPTIONS) if parts.scheme == "unix" else _TIMEOUT_OPTIONS
-    for name in query:
-        if name not in supported:
-            raise ConfigError(
-                f"Redis URL option {name!r} is not supported; supported: {', '.join(supported)}"
-            )
-    return query
-
-
-def _credentials(parts: SplitResult) -> dict[str, Any]:
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    if username and password is None:
-        raise ConfigError("a Redis URL with a user needs its password: redis://user:password@host")
-    return {"username": username, "password": password}
-
-
-def _timeouts(query: dict[str, str]) -> dict[str, Any]:
-    return {name: _seconds(name, query[name]) for name in _TIMEOUT_OPTIONS if name in query}
-
-
-def _port(parts: SplitResult) -> int:
-    try:
-        return parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ConfigError(
-            f"Redis URL has an invalid port: {parts.netloc.rpartition('@')[2]}"
-        ) from None
-
-
-def _seconds(name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"Redis URL option {name} must be a positive number of seconds")
-    return value
-
-
-def _db(text: str) -> int:
-    if not text.isdigit():
-        raise ConfigError(f"Redis URL database must be a number (0, 1, ...), not {text!r}")
-    return int(text)
 
 
 # --- wire format ------------------------------------------------------------------------
@@ -410,21 +318,92 @@ class Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
+class RedisClient(Protocol):
+    """What the stores use: RespClient (one server), SentinelClient (stores/sentinel.py) and
+    ClusterClient (stores/cluster.py) all have it. Same failures: module docstring."""
+
+    @property
+    def where(self) -> str:
+        """The server(s), for messages (never a password)."""
+        ...
+
+    async def call(self, *args: RespArg) -> Any: ...
+
+    async def call_many(self, commands: Sequence[Sequence[RespArg]]) -> list[Any]: ...
+
+    async def evalsha(
+        self, script: Script, keys: Sequence[str], args: Sequence[RespArg]
+    ) -> Any: ...
+
+    async def ping(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+def client_from_url(url: str) -> RedisClient:
+    """The client a URL names (every form of stores/urls.py); nothing connects until the
+    first call. ConfigError for a bad URL, or TLS files that cannot be read."""
+    options = parse_any_url(url)
+    if isinstance(options, SentinelOptions):
+        from llmserve.limits.stores.sentinel import SentinelClient
+
+        return SentinelClient(options)
+    if isinstance(options, ClusterOptions):
+        from llmserve.limits.stores.cluster import ClusterClient
+
+        return ClusterClient(options)
+    return RespClient(options)
+
+
+def ssl_context(options: RespOptions) -> ssl.SSLContext:
+    """The TLS settings of a rediss* URL as a context; ConfigError when a file is unusable."""
+    try:
+        context = ssl.create_default_context(cafile=options.ssl_ca_certs)
+        if options.ssl_certfile is not None:
+            context.load_cert_chain(options.ssl_certfile, options.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        files = [options.ssl_ca_certs, options.ssl_certfile, options.ssl_keyfile]
+        named = ", ".join(f for f in files if f)
+        raise ConfigError(f"Redis TLS: cannot use {named}: {exc}") from None
+    if options.ssl_cert_reqs == "none":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif not options.ssl_check_hostname:
+        context.check_hostname = False
+    return context
+
+
 class RespClient:
     """Connects on the first call (concurrent first callers share one attempt), sends AUTH
-    and SELECT first when the URL asks, and reconnects on the next call after a failure."""
+    and SELECT first when the URL asks, and reconnects on the next call after a failure.
 
-    def __init__(self, options: RespOptions) -> None:
+    `role="master"`: a new connection also asks ROLE and is refused (RespNotSent) unless
+    the server is a master (Sentinel: the address it gave may be out of date)."""
+
+    def __init__(
+        self,
+        options: RespOptions,
+        *,
+        role: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.options = options
+        self._role = role
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
-        self._ssl: ssl.SSLContext | None = None
+        # Built now: a CA file that cannot be read is a config error at start-up.
+        self._ssl = tls or (ssl_context(options) if options.tls else None)
         self._closed = False
 
     @classmethod
     def from_url(cls, url: str) -> RespClient:
-        """URL forms and query options: parse_url. Nothing connects until the first call."""
+        """One server (redis://, rediss://, unix://; stores/urls.py). Nothing connects until
+        the first call. Sentinel and Cluster URLs: client_from_url."""
         return cls(parse_url(url))
+
+    @property
+    def where(self) -> str:
+        return self.options.where
 
     async def call(self, *args: RespArg) -> Any:
         conn = self._conn
@@ -437,6 +416,14 @@ class RespClient:
 
     async def call_many(self, commands: Sequence[Sequence[RespArg]]) -> list[Any]:
         """Several commands in one write; raises the first error reply among them."""
+        replies = await self.pipeline(commands)
+        for reply in replies:
+            if isinstance(reply, RespError):
+                raise reply
+        return replies
+
+    async def pipeline(self, commands: Sequence[Sequence[RespArg]]) -> list[Any]:
+        """Several commands in one write; their replies, an error reply as a RespError."""
         if not commands:
             return []
         conn = self._conn
@@ -444,9 +431,6 @@ class RespClient:
             conn = await self._connected()
         payload = b"".join([encode_command(c) for c in commands])
         replies: list[Any] = await conn.request(payload, len(commands))
-        for reply in replies:
-            if isinstance(reply, RespError):
-                raise reply
         return replies
 
     async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[RespArg]) -> Any:
@@ -497,7 +481,7 @@ class RespClient:
             raise RespNotSent(
                 f"redis at {options.where}: no connection within {options.socket_connect_timeout}s"
             ) from None
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError too: a certificate refused
             raise RespNotSent(f"redis at {options.where}: cannot connect ({exc})") from exc
         if self._closed:  # close() came while connecting: the connection must not outlive it
             conn.abort("client closed")
@@ -512,9 +496,13 @@ class RespClient:
         if options.unix_path is not None:
             await loop.create_unix_connection(lambda: conn, options.unix_path)
         else:
-            if options.tls and self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            await loop.create_connection(lambda: conn, options.host, options.port, ssl=self._ssl)
+            await loop.create_connection(
+                lambda: conn,
+                options.host,
+                options.port,
+                ssl=self._ssl,
+                server_hostname=options.ssl_server_hostname if self._ssl is not None else None,
+            )
         try:
             await self._handshake(conn)
         except BaseException:
@@ -524,14 +512,27 @@ class RespClient:
 
     async def _handshake(self, conn: _Connection) -> None:
         commands = handshake_commands(self.options)
+        if self._role is not None:
+            commands.append(("ROLE",))
         if not commands:
             return
         payload = b"".join([encode_command(c) for c in commands])
-        replies = await conn.request(payload, len(commands))
+        try:
+            replies = await conn.request(payload, len(commands))
+        except RespNotSent:
+            raise
+        except RespConnectionError as exc:  # lost while setting up: no caller's command sent
+            raise RespNotSent(str(exc)) from exc
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, RespError):
-                raise RespConnectionError(
+                raise RespNotSent(
                     f"redis at {self.options.where}: {_command_name(command[0])} refused: {reply}"
+                )
+        if self._role is not None:
+            role = replies[-1][0] if isinstance(replies[-1], list) and replies[-1] else b"?"
+            if _command_name(role) != self._role:
+                raise RespNotSent(
+                    f"redis at {self.options.where}: is a {_command_name(role)}, not a {self._role}"
                 )
 
 
