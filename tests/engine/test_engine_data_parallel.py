@@ -63,11 +63,11 @@ def rank_pids(rank: int) -> list[int]:
     return found
 
 
-async def test_when_one_rank_dies_every_stream_ends_with_an_error_and_the_engine_is_dead(
+async def test_when_one_rank_dies_no_stream_is_cut_short_and_the_engine_is_dead(
     tiny_model_dir,
 ) -> None:
     """vLLM's policy, kept: one dead engine is a dead server (it drains and exits 1 for its
-    supervisor to restart). No stream on the surviving rank may end as if it were complete."""
+    supervisor to restart). No stream may end cut short as if it were complete."""
     import os
     import signal
 
@@ -83,21 +83,28 @@ async def test_when_one_rank_dies_every_stream_ends_with_an_error_and_the_engine
         prompt = await engine.render_completion("Once upon a time")
         options = SamplingOptions(max_tokens=400, ignore_eos=True)
 
+        started = [asyncio.Event() for _ in range(4)]
+
         async def run(i: int) -> str:
             tokens = 0
             try:
                 async for delta in engine.generate(prompt, options, f"dies-{i}"):
                     tokens += delta.num_tokens
+                    started[i].set()
             except EngineError:  # EngineUnavailable is one too
                 return f"error after {tokens}"
             return f"complete with {tokens}"
 
         requests = [asyncio.ensure_future(run(i)) for i in range(4)]
-        await asyncio.sleep(1.0)
+        # every stream under way (and far from its 400th token) on both ranks: kill one
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
         [rank1] = rank_pids(1)
         os.kill(rank1, signal.SIGKILL)
         outcomes = await asyncio.wait_for(asyncio.gather(*requests), 60)
-        assert all(o.startswith("error") for o in outcomes), outcomes
+        # the dead rank's streams end with an error; one on the live rank may still run to its
+        # end before vLLM declares the engine dead, but none is ever cut short and called done
+        assert all(o.startswith("error") or o == "complete with 400" for o in outcomes), outcomes
+        assert sum(o.startswith("error") for o in outcomes) >= 1, outcomes
         for _ in range(50):
             if engine.dead is not None:
                 break
