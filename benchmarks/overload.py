@@ -134,7 +134,8 @@ def _pct(values: list[float], pct: float) -> float:
 
 def llmserve_default_config(workdir: Path, port: int, lift_free: bool) -> Path:
     config = yaml.safe_load((ROOT / "llmserve.yaml").read_text())
-    config.setdefault("server", {}).update({"host": "127.0.0.1", "port": port})
+    server = {"host": "127.0.0.1", "port": port, "public_ready": True}
+    config.setdefault("server", {}).update(server)
     config["engine"]["model"] = str(MODEL)
     config["auth"]["keys"] = str(workdir / "keys")
     config.setdefault("limits", {})["state_dir"] = str(workdir / "limits")
