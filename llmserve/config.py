@@ -7,6 +7,7 @@ Every setting is declared once below, with its default and its meaning (the `des
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -27,6 +28,8 @@ from pydantic import (
 
 from llmserve.errors import ConfigError
 from llmserve.masking import mask_tree
+
+log = logging.getLogger("llmserve.config")
 
 DEFAULT_CONFIG_FILE = "llmserve.yaml"
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
@@ -179,6 +182,14 @@ class ServerConfig(Section):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
     )
+    watch_config: bool = Field(
+        False,
+        description="Reload the config file when its content changes (read once a second), as "
+        "`llmserve reload` does: same outcomes, log lines and metric. An edit that does not "
+        "validate or needs a restart changes nothing and is reported once; a file replaced by "
+        "rename or through a symlink (a Kubernetes ConfigMap) is followed; a file that goes "
+        "missing changes nothing until it is back.",
+    )
     cors: CorsConfig = Field(
         default_factory=CorsConfig, description="Browser access (CORS); off by default."
     )
@@ -255,6 +266,15 @@ class EngineNodesConfig(Section):
         le=65535,
         description="Port of the head's data-parallel handshake (unset: vLLM's 29550).",
     )
+    heartbeat_port: int = Field(
+        29560,
+        ge=1,
+        le=65535,
+        description="Port on the head (at data_parallel_address, else master_addr) where each "
+        "`llmserve worker` keeps a heartbeat connection: a worker node that stops, or is "
+        "silent for 10 s, makes the head's engine dead (503, exit 1) instead of leaving "
+        "requests to hang (docs/scaling.md).",
+    )
 
 
 # LoRA ranks vLLM can serve (vllm.config.lora.MaxLoRARanks)
@@ -266,14 +286,17 @@ class LoraConfig(Section):
         default_factory=dict,
         description="LoRA adapters served next to the base model: `{name: path}` (a PEFT "
         "directory, or a hub id already in the local hub cache). Each name is a model of its "
-        "own in `/v1/models` and in a request's `model` (docs/engine.md, LoRA adapters).",
+        "own in `/v1/models` and in a request's `model` (docs/engine.md, LoRA adapters). A "
+        "reload loads the entries added to the file and unloads those removed from it.",
     )
     max_loras: int | None = Field(
         None,
         ge=1,
         description="Adapters in one batch (vLLM's `max_loras`; unset: the number of adapters, "
-        "at most 8). Requests for more adapters than this wait for a slot. On CPU vLLM always "
-        "gets at least the number of adapters + 1 (docs/engine.md, LoRA adapters and aliases).",
+        "at most 8). Requests for more adapters than this wait for a slot. Setting it turns "
+        "LoRA on even without adapters, to load them at run time. On CPU it is also the most "
+        "adapters the engine holds at once (at least the number of adapters), and vLLM gets "
+        "one slot more (docs/engine.md, LoRA adapters and aliases).",
     )
     max_lora_rank: int | None = Field(
         None,
@@ -302,6 +325,11 @@ class LoraConfig(Section):
             if not path.strip():
                 raise ValueError(f"{name}: the adapter's path is empty")
         return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the engine starts with LoRA on: adapters to serve, or slots for run time."""
+        return bool(self.adapters) or self.max_loras is not None
 
     @property
     def batch_loras(self) -> int:
@@ -426,7 +454,7 @@ class EngineConfig(Section):
         default_factory=dict,
         description="Other names of served models, `{alias: model}` (the base model's name or "
         "an adapter's), e.g. `{gpt-4o-mini: smollm2}`: a request for the alias runs the model "
-        "and its response names the alias; `/v1/models` lists it too.",
+        "and its response names the alias; `/v1/models` lists it too. A reload applies them.",
     )
     fake: FakeEngineConfig = Field(
         default_factory=FakeEngineConfig, description="Settings of the fake engine."
@@ -679,18 +707,22 @@ class AuthConfig(Section):
         return value
 
 
-class ShadowLimits(Section):
+class WindowLimits(Section):
     requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute.")
     tokens_per_minute: int | None = Field(None, ge=1, description="Tokens per minute.")
     tokens_per_day: int | None = Field(None, ge=1, description="Tokens per UTC day.")
     tokens_per_month: int | None = Field(None, ge=1, description="Tokens per UTC month.")
 
 
-class TierConfig(Section):
-    requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute.")
-    tokens_per_minute: int | None = Field(None, ge=1, description="Tokens per minute.")
-    tokens_per_day: int | None = Field(None, ge=1, description="Tokens per UTC day.")
-    tokens_per_month: int | None = Field(None, ge=1, description="Tokens per UTC month.")
+class ShadowLimits(WindowLimits):
+    pass
+
+
+class ModelLimits(WindowLimits):
+    pass
+
+
+class TierConfig(WindowLimits):
     completion_token_weight: float = Field(
         1.0, gt=0, description="Each completion token counts as this many tokens."
     )
@@ -710,6 +742,19 @@ class TierConfig(Section):
         "served, and counted in llmserve_limit_shadow_refusals_total{tier,window} and its "
         "ledger line's `shadow_refused`. To try a tighter tier on real traffic first.",
     )
+    models: dict[str, ModelLimits] = Field(
+        default_factory=dict,
+        description="Windows per served model, `{model: {tokens_per_minute: ...}}`, enforced "
+        "as well as the tier's own: a request needs room in both. An alias counts as the "
+        "model it stands for; name that model here (docs/limits.md, Limits per model).",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names_usable(cls, value: dict[str, ModelLimits]) -> dict[str, ModelLimits]:
+        for name in value:
+            check_model_name(name, "model")
+        return value
 
 
 class LimitsConfig(Section):
@@ -826,6 +871,46 @@ class Config(Section):
         engine = self.engine
         return self.queue.max_concurrency or engine.max_num_seqs * engine.data_parallel_size
 
+    @model_validator(mode="after")
+    def _model_limits_name_served_models(self) -> Config:
+        problems, unknown = check_model_limits(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        for warning in unknown:
+            log.warning("%s", warning)
+        return self
+
+
+def check_model_limits(config: Config) -> tuple[list[str], list[str]]:
+    """The tiers' per-model windows against the models the config serves: (errors, warnings).
+
+    An entry must name the base model or an adapter, never an alias (it counts as its model).
+    Any other name is an error when the engine runs without LoRA; with LoRA on, an adapter of
+    that name may be loaded at run time (`llmserve models load`), which the config cannot
+    know: a warning, and its windows apply once it is."""
+    engine = config.engine
+    # the fake engine is named "fake" unless served_model_name says otherwise (engine/fake.py)
+    fake_default = engine.kind == "fake" and not engine.served_model_name
+    served = ["fake" if fake_default else engine.model_name, *engine.lora.adapters]
+    problems, unknown = [], []
+    for tier_name, tier in config.limits.tiers.items():
+        for model in tier.models:
+            where = f"limits.tiers.{tier_name}.models.{model}"
+            target = engine.aliases.get(model)
+            if target is not None:
+                problems.append(f"{where}: an alias of {target!r}, and an alias counts as the "
+                                f"model it stands for: set these limits on {target!r}")  # fmt: skip
+            elif model in served:
+                continue
+            elif engine.lora.enabled:
+                unknown.append(f"{where}: not a model of the config ({', '.join(served)}); "
+                               "its windows apply once an adapter of that name is loaded at "
+                               "run time")  # fmt: skip
+            else:
+                problems.append(f"{where}: not a model this server serves (it serves "
+                                f"{', '.join(served)})")  # fmt: skip
+    return problems, unknown
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -914,6 +999,8 @@ def _describe_error(err: Any, source: str) -> str:
         expected = f"; expected one of: {', '.join(known)}" if known and not hint else ""
         return f"{source}: {prefix}unknown setting {loc[-1]!r}{suggestion}{expected}"
     dotted = ".".join(loc) or "<top level>"
+    if not loc and kind == "value_error":  # a check across sections names its own settings
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
     if kind == "missing":
         return f"{source}: {dotted}: required setting is missing"
     message = err["msg"].replace("Input should be", "expected").replace("Value error, ", "")
@@ -926,9 +1013,10 @@ def _describe_error(err: Any, source: str) -> str:
 
 def _known_fields(loc: list[str]) -> list[str]:
     current: Any = Config
-    for part in loc:
+    for i, part in enumerate(loc):
         if current is dict:
-            current = TierConfig  # the only mapping of sections: limits.tiers.<name>
+            # the mappings of sections: limits.tiers.<name> and its models.<model>
+            current = ModelLimits if loc[i - 1] == "models" else TierConfig
         elif isinstance(current, type) and issubclass(current, BaseModel):
             field = current.model_fields.get(part)
             current = _section_type(field.annotation) if field else None
@@ -960,15 +1048,22 @@ RESTART_ONLY = (
     "server.host", "server.port", "server.admin_port", "server.admin_host",
     "server.event_loop", "server.gc_", "server.max_body_bytes",
     "server.header_read_timeout_seconds", "server.keepalive_timeout_seconds",
-    "server.shutdown_grace_seconds",
+    "server.shutdown_grace_seconds", "server.watch_config",
     "limits.store", "limits.state_dir",
     "auth.enabled", "auth.keys",
     "usage.", "metrics.",
 )  # fmt: skip
 
 
+# Settings under a RESTART_ONLY prefix that a reload applies all the same (server/reload.py):
+# the adapters and aliases served (engine/served.py loads and unloads them).
+RELOADABLE = ("engine.lora.adapters", "engine.aliases")
+
+
 def restart_only(setting: str) -> bool:
     """Whether changing this setting needs a restart (a reload refuses it)."""
+    if any(setting == p or setting.startswith(p + ".") for p in RELOADABLE):
+        return False
     return any(
         setting == p or (p.endswith((".", "_")) and setting.startswith(p)) for p in RESTART_ONLY
     )
@@ -985,6 +1080,9 @@ def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> list[tup
         elif sub is dict and name == "tiers":
             out.append((dotted, field))
             out.extend(iter_settings(TierConfig, f"{dotted}.<name>."))
+        elif sub is dict and model is TierConfig and name == "models":
+            out.append((dotted, field))
+            out.extend(iter_settings(ModelLimits, f"{dotted}.<model>."))
         else:
             out.append((dotted, field))
     return out

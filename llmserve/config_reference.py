@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llmserve.config import RESTART_ONLY, iter_settings, restart_only
+from llmserve.config import RELOADABLE, RESTART_ONLY, iter_settings, restart_only
 
 BEGIN = (
     "<!-- config-reference:begin "
@@ -41,7 +41,14 @@ def render_restart_settings() -> str:
     """The settings a reload refuses, as one line of `names` (a trailing `*` for a group)."""
     names = [f"`{p[:-1]}.*`" if p.endswith(".") else f"`{p}*`" if p.endswith("_") else f"`{p}`"
              for p in RESTART_ONLY]  # fmt: skip
+    names = [name + _but_not(p) for name, p in zip(names, RESTART_ONLY, strict=True)]
     return "\n".join([RESTART_BEGIN, ", ".join(names), RESTART_END])
+
+
+def _but_not(prefix: str) -> str:
+    """The settings under a restart-only prefix that a reload applies all the same."""
+    applied = [f"`{name}`" for name in RELOADABLE if name.startswith(prefix)]
+    return f" (but not {' or '.join(applied)})" if applied else ""
 
 
 def _default(field: Any) -> str:

@@ -11,6 +11,7 @@ LLMServeError
     ├── NotFound                404  model_not_found / not_found
     ├── MethodNotAllowed        405
     ├── RequestTimeout          408  request_timeout (the body did not arrive in time)
+    ├── Conflict                409  model_exists / adapter_in_use / adapter_limit / lora_disabled
     ├── PayloadTooLarge         413
     ├── UnsupportedMediaType    415
     ├── RateLimited             429  rate_limit_exceeded (+ Retry-After)
@@ -114,6 +115,14 @@ class RequestTimeout(APIError):
     default_code = "request_timeout"
 
 
+class Conflict(APIError):
+    """The request clashes with the server's state (an admin change that cannot apply now)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     error_type = "invalid_request_error"
@@ -131,6 +140,7 @@ class RateLimited(APIError):
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
     limit: str | None = None  # the window that refused: "tokens_per_minute", ... (for metrics)
+    limit_model: str | None = None  # the model whose own window it is (None: the tier's own)
 
 
 class InternalError(APIError):

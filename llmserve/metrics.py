@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 PREFIX = "llmserve_"
 OTHER_PRINCIPAL = "other"  # the label value of every principal beyond the cap
+# `model` label values: names of the served catalog (the model a request ran, an alias
+# counted as its target), at most this many; any further one (adapters loaded and unloaded
+# at run time) is counted as OTHER_MODEL
+MAX_MODELS = 64
+OTHER_MODEL = "other"
 
 # Buckets (seconds) chosen for LLM serving: TTFT spans a fast prefill (10 ms) to a long queue;
 # inter-token latency is a decode step (1 ms on a GPU to 100s of ms on a CPU); the gateway's own
@@ -261,6 +266,7 @@ class Metrics:
         self._gpu = gpu_probe if gpu_probe is not None else NvmlProbe()
         self._start_time = time_func()
         self._principals: set[str] = set()
+        self._models: set[str] = set()
         self._gauges: dict[str, Callable[[], Any]] = {}
         self._model: str = ""
         self._config_sha256 = ""  # the live config file's hash (server/reload.py)
@@ -286,7 +292,19 @@ class Metrics:
             ("principal", "type"),
         )
         self.rate_limited = c(
-            "llmserve_rate_limit_rejections", "429 answers by the limit that was hit.", ("limit",)
+            "llmserve_rate_limit_rejections",
+            "429 answers by the limit that was hit: the window, and the model when it is a "
+            "window of one model (a tier's `models`; empty for the tier's own windows).",
+            ("limit", "model"),
+        )
+        self.model_requests = c(
+            "llmserve_model_requests",
+            "Generation requests by the served model they named (an alias counts as its model), "
+            "whatever their outcome.",
+            ("model",),
+        )
+        self.model_tokens = c(
+            "llmserve_model_tokens", "Tokens processed by served model and type.", ("model", "type")
         )
         self.disconnects = c(
             "llmserve_client_disconnects", "Clients gone before their response ended.", ("route",)
@@ -320,8 +338,9 @@ class Metrics:
         )
         self.config_reloads = c(
             "llmserve_config_reloads",
-            "Config reloads (SIGHUP, POST /admin/reload), by result: applied, unchanged, "
-            "invalid (the file did not validate), refused (a setting needing a restart).",
+            "Config reloads (SIGHUP, POST /admin/reload, server.watch_config), by result: applied, "
+            "unchanged, invalid (the file did not validate), refused (a setting needing a "
+            "restart).",
             ("result",),
         )
         self.settlements_deferred = c(
@@ -433,7 +452,8 @@ class Metrics:
         route = record.route
         self.requests.inc((route, str(record.status), record.error_code or ""))
         if record.status == 429 and record.rejected_by:
-            self.rate_limited.inc((record.rejected_by,))
+            model = self._model_label(record.rejected_model) if record.rejected_model else ""
+            self.rate_limited.inc((record.rejected_by, model))
         if record.disconnected:
             self.disconnects.inc((route,))
         self._count_tokens(record)
@@ -447,6 +467,8 @@ class Metrics:
             self.tokens.inc(("prompt", tier), prompt)
         if completion:
             self.tokens.inc(("completion", tier), completion)
+        if record.root_model is not None and record.route in GENERATION_ROUTES:
+            self._count_model(self._model_label(record.root_model), prompt, completion)
         if not self._config.per_key or record.principal_id is None:
             return
         principal = self._principal_label(record.principal_id)
@@ -455,6 +477,23 @@ class Metrics:
             self.principal_tokens.inc((principal, "prompt"), prompt)
         if completion:
             self.principal_tokens.inc((principal, "completion"), completion)
+
+    def _count_model(self, model: str, prompt: int, completion: int) -> None:
+        self.model_requests.inc((model,))
+        if prompt:
+            self.model_tokens.inc((model, "prompt"), prompt)
+        if completion:
+            self.model_tokens.inc((model, "completion"), completion)
+
+    def _model_label(self, model: str) -> str:
+        """A model's label value: its name (it came from the served catalog) while fewer than
+        MAX_MODELS names have been seen, else OTHER_MODEL."""
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return OTHER_MODEL
 
     def _principal_label(self, principal_id: str) -> str:
         if principal_id in self._principals:
@@ -555,8 +594,9 @@ class Metrics:
 
     def _counters(self) -> tuple[LabelledCounter, ...]:
         return (self.requests, self.tokens, self.principal_requests, self.principal_tokens,
-                self.rate_limited, self.disconnects, self.store_errors, self.unchecked,
-                self.unavailable, self.settlements_lost, self.settlements_deferred,
+                self.model_requests, self.model_tokens, self.rate_limited, self.disconnects,
+                self.store_errors, self.unchecked, self.unavailable, self.settlements_lost,
+                self.settlements_deferred,
                 self.shadow_refusals, self.config_reloads, self.queue_rejections,
                 self.jwks_refreshes, self.jwks_failures)  # fmt: skip
 

@@ -15,11 +15,13 @@ class RequestRecord:
     started_at: float  # epoch seconds (wall clock), for the ledger
     principal_id: str | None = None  # a key's public id or JWT subject; never a secret
     tier: str | None = None
-    model: str | None = None
+    model: str | None = None  # as the request names it (an alias stays an alias)
+    root_model: str | None = None  # the served model it runs: the base model or an adapter
     stream: bool = False
     status: int = 0
     error_code: str | None = None  # the OpenAI error `code` when status >= 400
     rejected_by: str | None = None  # 429: which limit ("requests_per_minute", "tokens_per_day"...)
+    rejected_model: str | None = None  # 429: the model whose own window it was (tiers' models)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop", "length", or None (aborted / failed)

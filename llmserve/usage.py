@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,6 +252,21 @@ def summarize_usage(entries: Iterator[UsageEntry]) -> dict[str, UsageTotals]:
         t.prompt_tokens += entry.prompt_tokens
         t.completion_tokens += entry.completion_tokens
     return totals
+
+
+def summarize_by_model(
+    entries: Iterable[UsageEntry], aliases: Mapping[str, str] | None = None
+) -> dict[str, UsageTotals]:
+    """Totals per model, most tokens first. A name in `aliases` (engine.aliases) counts as the
+    model it stands for, as per-model limits count it (requests without one: "-")."""
+    totals: dict[str, UsageTotals] = {}
+    for entry in entries:
+        model = entry.model or "-"
+        t = totals.setdefault((aliases or {}).get(model, model), UsageTotals())
+        t.requests += 1
+        t.prompt_tokens += entry.prompt_tokens
+        t.completion_tokens += entry.completion_tokens
+    return dict(sorted(totals.items(), key=lambda item: (-item[1].total_tokens, item[0])))
 
 
 def open_ledger(config: UsageConfig) -> UsageLedger | None:

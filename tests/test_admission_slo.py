@@ -70,10 +70,10 @@ async def test_a_request_that_cannot_start_in_time_is_refused_at_the_door() -> N
         queue.enqueue(ttft_slo=3.0)
     assert refused.value.code == "server_overloaded"
     assert "predicted time to first token" in refused.value.message
-    # 5.05 s predicted against 3 s: retry in the 2.05 s it overshoots, rounded up
+    # 5.05 s predicted against 80% of 3 s: retry in the 2.65 s it overshoots, rounded up
     assert refused.value.headers["Retry-After"] == "3"
     assert queue.depth == 4 and observer.reasons() == ["slo"]
-    queue.enqueue(ttft_slo=6.0)  # within its objective: it waits
+    queue.enqueue(ttft_slo=7.0)  # within 80% of its objective: it waits
     assert queue.depth == 5
     for ticket in holders + waiters:
         ticket.release()
@@ -107,17 +107,50 @@ async def test_a_waiter_whose_first_token_can_no_longer_come_in_time_leaves_with
     holder.release()
 
 
+async def test_the_door_keeps_a_margin_below_the_objective_for_prediction_errors() -> None:
+    clock = ManualClock()
+    queue = make_queue(clock)
+    drain_at(queue, clock, per_second=1.0, count=10)
+    holders = [queue.enqueue(), queue.enqueue()]
+    with pytest.raises(ServiceUnavailable):
+        queue.enqueue(ttft_slo=1.25)  # 1.05 s predicted: within the objective, not the margin
+    waiter = queue.enqueue(ttft_slo=1.35)  # 1.05 s is under 80% of 1.35 s
+    assert queue.depth == 1
+    for ticket in [*holders, waiter]:
+        ticket.release()
+
+
 async def test_before_any_completion_nobody_is_refused_on_a_guess() -> None:
     clock = ManualClock()
     queue = make_queue(clock, max_concurrency=1)
     holder = queue.enqueue()
-    waiter = queue.enqueue(ttft_slo=1.0)  # the prior says 5 s; no evidence yet: it waits
+    waiter = queue.enqueue(ttft_slo=1.0)  # no evidence of the engine's speed yet: it waits
     assert not waiter.admitted and queue.depth == 1
     clock.advance(1.0)  # ... and leaves at its objective if no slot came
     queue.expire()
     with pytest.raises(ServiceUnavailable):
         await waiter.wait()
     holder.release()
+
+
+async def test_before_any_completion_slots_busy_for_long_are_evidence_enough() -> None:
+    clock = ManualClock()
+    queue = make_queue(clock)  # 2 slots
+    holders = [queue.enqueue(), queue.enqueue()]
+    clock.advance(4.0)  # nothing finished in 4 s: a slot frees up at most every 2 s
+    assert queue.drain_rate() is None
+    assert queue.expected_drain_rate() == pytest.approx(0.5)
+    first = queue.enqueue(ttft_slo=10.0)  # at least 2 s: it may make it, so it waits
+    assert not first.admitted and queue.depth == 1
+    with pytest.raises(ServiceUnavailable) as refused:
+        queue.enqueue(ttft_slo=4.0)  # at least 4 s with one ahead: it cannot make it
+    assert "predicted time to first token (4.0s)" in refused.value.message
+    clock.advance(16.0)  # 20 s without a release: at least 10 s a request
+    assert queue.expected_drain_rate() == pytest.approx(0.1)
+    holders[0].release()  # from the first release on, the measured rate: 1 in the last 10 s
+    assert queue.drain_rate() == pytest.approx(0.1)
+    for ticket in [holders[1], first]:
+        ticket.release()
 
 
 async def test_an_idle_queue_admits_at_once_whatever_the_objective() -> None:

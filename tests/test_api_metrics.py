@@ -53,7 +53,8 @@ async def test_429_503_and_disconnect_are_counted(app_client, tmp_path):
         )
         == 1
     )
-    assert value("llmserve_rate_limit_rejections_total", {"limit": "requests_per_minute"}) == 1
+    rejections = "llmserve_rate_limit_rejections_total"
+    assert value(rejections, {"limit": "requests_per_minute", "model": ""}) == 1
     assert value("llmserve_client_disconnects_total", {"route": "chat"}) == 1
     assert value("llmserve_requests_total", {"route": "chat", "status": "200", "code": ""}) == 1
     assert value("llmserve_tokens_total", {"type": "completion", "tier": "t"}) >= 2

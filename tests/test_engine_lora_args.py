@@ -46,8 +46,22 @@ def test_on_cpu_one_lora_slot_more_than_adapters_stays_empty() -> None:
     assert build_launch(_config(two), "cpu", set()).engine_args["max_loras"] == 3
     args = build_launch(_config(two, max_loras=1, max_cpu_loras=2), "cpu", set()).engine_args
     assert (args["max_loras"], args["max_cpu_loras"]) == (3, 3)
-    assert build_launch(_config(two, max_loras=6), "cpu", set()).engine_args["max_loras"] == 6
+    # max_loras is also the most adapters the engine holds (run-time loads), plus the spare
+    six = build_launch(_config(two, max_loras=6), "cpu", set()).engine_args
+    assert six["max_loras"] == 7 and vllm_lora.adapter_capacity(six, "cpu") == 6
     assert "max_loras" not in build_launch(_config({}), "cpu", set()).engine_args
+
+
+def test_max_loras_turns_lora_on_without_adapters_for_loads_at_run_time() -> None:
+    config = _config({}, max_loras=2)
+    gpu = build_launch(config, "cuda", set()).engine_args
+    assert (gpu["enable_lora"], gpu["max_loras"], gpu["max_lora_rank"]) == (True, 2, 16)
+    assert vllm_lora.adapter_capacity(gpu, "cuda") is None  # vLLM's LRU: read from disk again
+    cpu = build_launch(config, "cpu", set()).engine_args
+    assert cpu["max_loras"] == 3 and vllm_lora.adapter_capacity(cpu, "cpu") == 2
+    assert "--lora-modules" not in frontend_args(config, set())
+    off = build_launch(_config({}), "cpu", set()).engine_args
+    assert vllm_lora.adapter_capacity(off, "cpu") == 0
 
 
 def test_lora_settings_given_are_kept(tmp_path: Path) -> None:
@@ -114,3 +128,45 @@ def test_an_adapter_above_the_rank_limit_is_named_at_start(tmp_path: Path) -> No
     huge = str(_adapter(tmp_path / "huge", 1024))
     with pytest.raises(EngineStartError, match=r"adapters.huge: rank 1024 is above vLLM's limit"):
         vllm_lora.check_adapters(_config({"huge": huge}))
+
+
+def _weights(where: Path, shapes: dict[str, list[int]]) -> None:
+    header = json.dumps({name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
+                         for name, shape in shapes.items()}).encode()  # fmt: skip
+    (where / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_an_adapter_loaded_at_run_time_is_checked_before_vllm_sees_it(tmp_path: Path) -> None:
+    """What vllm.py's load_adapter refuses with a 400 (tests/engine/test_engine_lora.py)."""
+    hf = type("HF", (), {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "head_dim": 64, "intermediate_size": 512})()  # fmt: skip
+    shapes = vllm_lora.module_shapes(hf)
+    assert shapes["q_proj"] == (256, 256) and shapes["v_proj"] == (256, 128)
+    assert shapes["down_proj"] == (512, 256)
+
+    def problem(where: Path) -> str | None:
+        return vllm_lora.adapter_problem(str(where), 16, "engine.lora.max_lora_rank (16)", shapes)
+
+    ok = _adapter(tmp_path / "ok", 8)
+    layer = "base_model.model.model.layers.0.self_attn"
+    _weights(ok, {f"{layer}.q_proj.lora_A.weight": [8, 256],
+                  f"{layer}.v_proj.lora_B.weight": [128, 8]})  # fmt: skip
+    assert problem(ok) is None
+    assert vllm_lora.adapter_problem("org/hub-adapter", 16, "x", shapes) is None  # vLLM's to find
+    assert "no LoRA adapter at" in str(problem(tmp_path / "missing"))
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "adapter_config.json").write_text("{r: 8")
+    assert "adapter_config.json is not readable JSON" in str(problem(bad_json))
+    assert "has no rank `r`" in str(problem(_adapter(tmp_path / "no-rank", 8, r=None)))
+    assert problem(_adapter(tmp_path / "big", 32)) == (
+        "rank 32 is above engine.lora.max_lora_rank (16)")  # fmt: skip
+    other = _adapter(tmp_path / "other-base", 8)
+    _weights(other, {f"{layer}.q_proj.lora_A.weight": [8, 576]})
+    assert problem(other) == (
+        f"{layer}.q_proj.lora_A.weight has 576 in features where the base model's q_proj has "
+        "256: an adapter of another base model"
+    )
+    narrow = _adapter(tmp_path / "narrow", 8)
+    _weights(narrow, {f"{layer}.v_proj.lora_B.weight": [64, 8]})
+    assert "has 64 out features where the base model's v_proj has 128" in str(problem(narrow))

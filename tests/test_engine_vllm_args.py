@@ -288,6 +288,25 @@ def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
     x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n")
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-    assert read_cpu_flags(x86) == {"fpu", "avx2", "amx_bf16"}
-    assert read_cpu_flags(arm) == {"fp", "asimd", "bf16"}
-    assert read_cpu_flags(tmp_path / "missing") == frozenset()
+    assert read_cpu_flags(x86, {}) == {"fpu", "avx2", "amx_bf16"}
+    assert read_cpu_flags(arm, {}) == {"fp", "asimd", "bf16"}
+    assert read_cpu_flags(tmp_path / "missing", {}) == frozenset()
+
+
+def test_a_onednn_isa_cap_below_bfloat16_hides_the_native_bfloat16_flags(tmp_path):
+    """oneDNN (PyTorch's CPU matrix products) then emulates bfloat16, 3.6x slower than float32
+    (measured on an AMX machine with ONEDNN_MAX_CPU_ISA=AVX2): `auto` must choose float32."""
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import cpu_dtype, read_cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    for cap in ("AVX2", "avx512_core", "AVX512_CORE_VNNI", " AVX2_VNNI "):
+        flags = read_cpu_flags(cpuinfo, {"ONEDNN_MAX_CPU_ISA": cap})
+        assert flags == {"avx2", "avx512f", "amx_tile"}, cap
+    for cap in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL", ""):
+        assert "amx_bf16" in read_cpu_flags(cpuinfo, {"ONEDNN_MAX_CPU_ISA": cap}), cap
+    small = str(_model_dir(tmp_path, "bfloat16", 270 * 1024**2))
+    capped = read_cpu_flags(cpuinfo, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    choice = cpu_dtype(EngineConfig(model=small), capped)
+    assert choice.dtype == "float32" and "ONEDNN_MAX_CPU_ISA" in choice.reason

@@ -8,16 +8,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from llmserve.config import LimitsConfig, TierConfig
-from llmserve.errors import RateLimited, ServiceUnavailable
 from llmserve.limits import Limiter, StoreUnavailable, store_from_url
 from llmserve.limits.stores.redis import RedisStore
+from llmserve.limits.stores.resp import RespClient
 from llmserve.limits.stores.sentinel import SentinelClient
+from tests.support.limiter_load import (
+    Load,
+    assert_enforced_exactly,
+    day_used,
+    failover_limiter,
+    settled,
+)
 from tests.support.redis_server import (
     ACL_PASSWORD,
     ACL_USER,
@@ -30,8 +35,6 @@ from tests.support.redis_server import (
 )
 
 pytestmark = pytest.mark.redis
-DAY_LIMIT = 1_000_000
-PROMPT, MAX_TOKENS, COMPLETION = 10, 10, 5  # each request holds 20 tokens and uses 15
 
 
 @pytest.fixture
@@ -41,87 +44,10 @@ def group(tmp_path: Path) -> Iterator[SentinelGroup]:
     group.stop()
 
 
-def make_limiter(url: str, policy: str) -> Limiter:
-    tier = TierConfig(requests_per_minute=10**6, tokens_per_day=DAY_LIMIT)
-    config = LimitsConfig(on_store_error=policy, tiers={"default": tier})
-    return Limiter(config, store_from_url(url))  # the real clock: the breaker's second passes
-
-
 def sentinel_client(limiter: Limiter) -> SentinelClient:
     store = limiter.store
     assert isinstance(store, RedisStore) and isinstance(store.client, SentinelClient)
     return store.client
-
-
-@dataclass
-class Load:
-    """Requests from several tasks at once, each reserve followed by its settle."""
-
-    limiter: Limiter
-    admitted: int = 0  # checked by the store
-    unchecked: int = 0  # admitted while the store was down (open policy)
-    refused: int = 0  # 503 limiter_unavailable (closed policy)
-    errors: list[Exception] = field(default_factory=list)  # anything else: a bug
-    streak: int = 0  # checked admissions in a row
-    stopped: bool = False
-
-    async def one(self) -> None:
-        try:
-            reservation = await self.limiter.reserve("alice", None, {}, PROMPT, MAX_TOKENS)
-        except ServiceUnavailable as exc:
-            assert exc.code == "limiter_unavailable"
-            self.refused += 1
-            self.streak = 0
-            return
-        except Exception as exc:
-            self.errors.append(exc)
-            return
-        if reservation.checked:
-            self.admitted += 1
-            self.streak += 1
-        else:
-            self.unchecked += 1
-            self.streak = 0
-        await self.limiter.settle(reservation, PROMPT, COMPLETION)
-
-    async def run(self, until: float, tasks: int = 8, stop_after_streak: int | None = None) -> None:
-        async def worker() -> None:
-            while time.monotonic() < until and not self.errors and not self.stopped:
-                if stop_after_streak is not None and self.streak >= stop_after_streak:
-                    return
-                await self.one()
-                await asyncio.sleep(0.005)
-
-        await asyncio.gather(*(worker() for _ in range(tasks)))
-
-    @property
-    def used(self) -> int:
-        """Tokens that the admitted requests used: what the day window must hold."""
-        return (self.admitted + self.unchecked) * (PROMPT + COMPLETION)
-
-
-async def day_used(limiter: Limiter) -> int:
-    windows = {w.name: w.used for w in await limiter.usage("alice", None, {})}
-    return int(windows["tokens_per_day"])
-
-
-async def settled(limiter: Limiter) -> None:
-    """Wait until the settlements kept during the outage have been sent."""
-    deadline = time.monotonic() + 5
-    while limiter.stats.settlements_pending:
-        assert time.monotonic() < deadline, "kept settlements were not sent"
-        await asyncio.sleep(0.05)
-
-
-async def assert_enforced_exactly(limiter: Limiter, used: int) -> None:
-    """The day window holds `used`, and refuses one token more than what is left."""
-    assert await day_used(limiter) == used
-    left = DAY_LIMIT - used
-    with pytest.raises(RateLimited):
-        await limiter.reserve("alice", None, {}, left - MAX_TOKENS + 1, MAX_TOKENS)
-    last = await limiter.reserve("alice", None, {}, left - MAX_TOKENS, MAX_TOKENS)
-    await limiter.settle(last, left - MAX_TOKENS, MAX_TOKENS)
-    assert await day_used(limiter) == DAY_LIMIT
 
 
 async def test_the_master_dies_under_load_closed_refuses_then_limits_apply_exactly(
@@ -132,7 +58,7 @@ async def test_the_master_dies_under_load_closed_refuses_then_limits_apply_exact
     hosts = ",".join(f"127.0.0.1:{s.port}" for s in group.sentinels)
     dead_sentinel = f"127.0.0.1:{free_port()}"  # listed first: skipped
     url = f"redis+sentinel://{ACL_USER}:{ACL_PASSWORD}@{dead_sentinel},{hosts}/{SERVICE}"
-    limiter = make_limiter(url, "closed")
+    limiter = failover_limiter(url, "closed")
     client = sentinel_client(limiter)
     old_master, replica = group.master_port(), group.servers[1].port
     try:
@@ -140,7 +66,14 @@ async def test_the_master_dies_under_load_closed_refuses_then_limits_apply_exact
         await before.run(until=time.monotonic() + 0.3)
         assert before.admitted > 0 and before.refused == 0 and not before.errors
         assert client.master_address == ("127.0.0.1", old_master)
-        ok(old_master, "WAIT", 1, 2000)  # the replica has every charge so far
+        # WAIT after a write of ours (WAIT waits for its own client's writes): the replica
+        # has every charge so far.
+        admin = RespClient.from_url(f"redis://127.0.0.1:{old_master}/0")  # may WAIT
+        try:
+            written = await admin.call_many([("SET", "llmserve:replicated", 1), ("WAIT", 1, 400)])
+            assert written[1] == 1
+        finally:
+            await admin.close()
 
         killed = time.monotonic()
         group.kill_master()
@@ -162,7 +95,7 @@ async def test_the_master_dies_under_load_closed_refuses_then_limits_apply_exact
 
 
 async def test_a_failover_while_the_master_is_up_costs_no_error(group: SentinelGroup) -> None:
-    limiter = make_limiter(group.url, "open")
+    limiter = failover_limiter(group.url, "open")
     client = sentinel_client(limiter)
     replica = group.servers[1].port
     try:

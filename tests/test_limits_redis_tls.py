@@ -1,8 +1,11 @@
 """Redis over TLS with a private CA: the CA file, a client certificate (mutual TLS), the
-server's name, and what each refusal looks like; the limiter and the key store over it."""
+server's name, and what each refusal looks like; the limiter and the key store over it, on one
+server, on a cluster, and behind sentinels that speak only TLS (through a failover too)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +14,17 @@ import pytest
 
 from llmserve.limits.stores.cluster import ClusterClient
 from llmserve.limits.stores.resp import (
+    RespArg,
     RespClient,
     RespConnectionError,
     RespNotSent,
     client_from_url,
 )
+from llmserve.limits.stores.sentinel import SentinelClient
 from tests.support.redis_server import (
     ClusterNodes,
     RedisServer,
+    SentinelGroup,
     ServerTls,
     binary_or_skip,
     start_or_skip,
@@ -58,6 +64,16 @@ def tls_cluster(tls: TlsSetup) -> Iterator[ClusterNodes]:
     )
     yield nodes
     nodes.stop()
+
+
+@pytest.fixture
+def tls_sentinels(tls: TlsSetup, tmp_path: Path) -> Iterator[SentinelGroup]:
+    cert, key = tls.ca.issue("sentinel-group", dns=[SERVER_NAME])  # sentinels and servers
+    group = SentinelGroup.start_new(
+        tmp_path / "sentinel", binary_or_skip(), tls=ServerTls(cert, key, tls.ca.cert)
+    )
+    yield group
+    group.stop()
 
 
 @pytest.fixture(scope="module")
@@ -155,5 +171,46 @@ async def test_a_cluster_over_tls_routes_to_the_tls_ports(
     try:
         await client.ping()  # the slot map, read over TLS, names the nodes' TLS ports
         assert {port for _, port in client._masters} == set(tls_cluster.tls_ports.values())
+    finally:
+        await client.close()
+
+
+async def test_sentinels_over_tls_lead_to_the_master_over_tls_through_a_failover(
+    tls: TlsSetup, tls_sentinels: SentinelGroup
+) -> None:
+    group = tls_sentinels
+    url = group.url + "?" + "&".join(f"{k}={v}" for k, v in tls.mutual().items())
+    await limiter_workout(url, principal="tls-sentinel")
+    await key_store_workout(url)
+    # The URL's TLS options are the sentinels' too: without the name, a sentinel is refused.
+    no_name = tls.mutual()
+    del no_name["ssl_server_hostname"]
+    refused = client_from_url(group.url + "?" + "&".join(f"{k}={v}" for k, v in no_name.items()))
+    try:
+        with pytest.raises(RespNotSent, match=r"no sentinel named it.*IP address mismatch"):
+            await refused.ping()
+    finally:
+        await refused.close()
+
+    client = client_from_url(url)
+    assert isinstance(client, SentinelClient)
+    replica = group.tls_ports[group.servers[1].port]
+    try:
+        written: list[tuple[RespArg, ...]] = [
+            ("SET", "llmserve:tls-sentinel", "before"),
+            ("WAIT", 1, 400),
+        ]
+        assert (await client.call_many(written))[1] == 1  # the replica has it too
+        assert client.master_address == ("127.0.0.1", group.master_port())  # its TLS port
+        group.kill_master()
+        deadline = time.monotonic() + 15
+        while True:  # refused until a sentinel names the promoted replica
+            try:
+                assert await client.call("GET", "llmserve:tls-sentinel") == b"before"
+                break
+            except RespConnectionError:
+                assert time.monotonic() < deadline, "no master reached over TLS within 15 s"
+                await asyncio.sleep(0.05)
+        assert client.master_address == ("127.0.0.1", replica)  # over TLS, on its TLS port
     finally:
         await client.close()

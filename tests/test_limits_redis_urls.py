@@ -77,6 +77,7 @@ def test_cluster_url() -> None:
     [
         ("redis://h/0?ssl_ca_certs=/ca.pem", "needs TLS"),
         ("redis+cluster://h?ssl_certfile=/c.pem", "needs TLS"),
+        ("redis+sentinel://s1/m?ssl=true", "TLS is chosen by the scheme"),
         ("rediss://h/0?ssl_keyfile=/k.pem", "ssl_keyfile needs ssl_certfile"),
         ("rediss://h/0?ssl_cert_reqs=optional", "`required` or `none`"),
         ("rediss://h/0?ssl_check_hostname=maybe", "true or false"),

@@ -7,7 +7,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from llmserve.config import MetricsConfig
 from llmserve.engine.base import EngineStats
-from llmserve.metrics import OTHER_PRINCIPAL, GpuSample, Metrics
+from llmserve.metrics import MAX_MODELS, OTHER_MODEL, OTHER_PRINCIPAL, GpuSample, Metrics
 from llmserve.records import RequestRecord
 
 
@@ -81,11 +81,21 @@ def test_429_is_counted_by_the_limit_that_was_hit() -> None:
     metrics, reg = make_metrics()
     for limit in ("tokens_per_minute", "tokens_per_minute", "requests_per_minute"):
         metrics.observe(chat(status=429, error_code="rate_limit_exceeded", rejected_by=limit))
+    metrics.observe(
+        chat(
+            status=429,
+            error_code="rate_limit_exceeded",
+            rejected_by="tokens_per_day",
+            rejected_model="sql",
+        )
+    )  # a window of one model (a tier's `models`)
     value = reg.get_sample_value
-    assert value("llmserve_rate_limit_rejections_total", {"limit": "tokens_per_minute"}) == 2
-    assert value("llmserve_rate_limit_rejections_total", {"limit": "requests_per_minute"}) == 1
+    rejections = "llmserve_rate_limit_rejections_total"
+    assert value(rejections, {"limit": "tokens_per_minute", "model": ""}) == 2
+    assert value(rejections, {"limit": "requests_per_minute", "model": ""}) == 1
+    assert value(rejections, {"limit": "tokens_per_day", "model": "sql"}) == 1
     labels = {"route": "chat", "status": "429", "code": "rate_limit_exceeded"}
-    assert value("llmserve_requests_total", labels) == 3
+    assert value("llmserve_requests_total", labels) == 4
     assert value("llmserve_time_to_first_token_seconds_count") == 0  # never got a token
     assert value("llmserve_tokens_total", {"type": "prompt", "tier": "pro"}) is None
 
@@ -295,3 +305,27 @@ def test_limiter_refusals_for_a_dead_store_and_lost_settlements_are_exported():
     body = Metrics(CollectorRegistry(), MetricsConfig(), limiter_stats=stats).render()[0].decode()
     assert "llmserve_limiter_unavailable_rejections_total 3" in body
     assert "llmserve_limiter_settlements_lost_total 2" in body
+
+
+def test_requests_and_tokens_are_counted_by_the_model_run() -> None:
+    metrics, reg = make_metrics()
+    metrics.observe(chat(model="gpt-sql", root_model="sql", prompt_tokens=7, completion_tokens=3))
+    metrics.observe(chat(model="sql", root_model="sql", status=429, rejected_by="tokens_per_day"))
+    metrics.observe(chat(model="nope", status=404, error_code="model_not_found"))  # no model run
+    metrics.observe(chat(route="tokenize", model="sql", root_model="sql"))  # not a generation
+    value = reg.get_sample_value
+    assert value("llmserve_model_requests_total", {"model": "sql"}) == 2  # served or refused
+    assert value("llmserve_model_tokens_total", {"model": "sql", "type": "prompt"}) == 7
+    assert value("llmserve_model_tokens_total", {"model": "sql", "type": "completion"}) == 3
+    assert {s.labels["model"] for family in reg.collect() for s in family.samples
+            if s.name == "llmserve_model_requests_total"} == {"sql"}  # fmt: skip
+
+
+def test_model_label_values_are_bounded() -> None:
+    metrics, reg = make_metrics()
+    for i in range(MAX_MODELS + 10):  # adapters loaded and unloaded at run time, say
+        metrics.observe(chat(root_model=f"adapter-{i}", completion_tokens=1))
+    models = {s.labels["model"] for family in reg.collect() for s in family.samples
+              if s.name == "llmserve_model_requests_total"}  # fmt: skip
+    assert len(models) == MAX_MODELS + 1 and OTHER_MODEL in models
+    assert reg.get_sample_value("llmserve_model_requests_total", {"model": OTHER_MODEL}) == 10

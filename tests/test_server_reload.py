@@ -13,19 +13,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import yaml
 
-from llmserve.config import Config
-from llmserve.server.reload import changed_settings, restart_only
+from llmserve.config import Config, restart_only
+from llmserve.server.reload import changed_settings
 from tests.support.api import chat_body
 from tests.support.process import ServerProcess, llmserve_up
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def base_config(tmp_path: Path, rpm: int) -> dict:
+def base_config(tmp_path: Path, rpm: int) -> dict[str, Any]:
     return {
         "engine": {"kind": "fake", "served_model_name": "fake", "max_model_len": 512,
                    "fake": {"tokens_per_second": 50}},
@@ -66,7 +68,7 @@ def metric(server: ServerProcess, prefix: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefix)]
 
 
-def test_sighup_applies_a_new_limit_while_a_stream_started_before_finishes(tmp_path):
+def test_sighup_applies_a_new_limit_while_a_stream_started_before_finishes(tmp_path: Path) -> None:
     with llmserve_up(tmp_path, base_config(tmp_path, rpm=100)) as server:
         assert limit_header(server) == "100"
         started = metric(server, "llmserve_start_time_seconds")
@@ -92,7 +94,7 @@ def test_sighup_applies_a_new_limit_while_a_stream_started_before_finishes(tmp_p
         assert "config reload applied: limits.tiers.t.requests_per_minute" in server.log()
 
 
-def test_a_broken_file_or_an_engine_change_changes_nothing_and_says_why(tmp_path):
+def test_a_broken_file_or_an_engine_change_changes_nothing_and_says_why(tmp_path: Path) -> None:
     with llmserve_up(tmp_path, base_config(tmp_path, rpm=100)) as server:
         good = config_path(server).read_text()
         config_path(server).write_text(good.replace("requests_per_minute: 100",
@@ -117,7 +119,7 @@ def test_a_broken_file_or_an_engine_change_changes_nothing_and_says_why(tmp_path
         assert any('result="refused"} 1.0' in line for line in counts)
 
 
-def test_reloading_under_load_fails_no_request_and_charges_each_once(tmp_path):
+def test_reloading_under_load_fails_no_request_and_charges_each_once(tmp_path: Path) -> None:
     config = base_config(tmp_path, rpm=100_000)
     config["queue"] = {"max_depth": 200}
     with llmserve_up(tmp_path, config) as server:
@@ -153,7 +155,7 @@ def test_reloading_under_load_fails_no_request_and_charges_each_once(tmp_path):
     assert {e["status"] for e in entries} == {200}
 
 
-def test_restart_only_settings_are_named_and_tier_changes_are_not():
+def test_restart_only_settings_are_named_and_tier_changes_are_not() -> None:
     old = Config.model_validate({"engine": {"kind": "fake"}})
     new = Config.model_validate({
         "engine": {"kind": "fake", "max_model_len": 4096},
@@ -167,3 +169,39 @@ def test_restart_only_settings_are_named_and_tier_changes_are_not():
     assert [c for c in changed if restart_only(c)] == ["engine.max_model_len", "server.port"]
     assert not restart_only("server.portal")  # a prefix of a name is not the name
     assert restart_only("server.gc_freeze") and restart_only("usage.ledger")
+
+
+def test_a_new_secret_counts_as_a_change() -> None:  # JSON would mask both as "**********"
+    old = Config.model_validate({"auth": {"jwt": {"secret": "a" * 32}}})
+    new = Config.model_validate({"auth": {"jwt": {"secret": "b" * 32}}})
+    assert changed_settings(old, new) == ["auth.jwt.secret"]
+    assert changed_settings(old, old.model_copy(deep=True)) == []
+
+
+def test_a_reload_expands_variables_again_from_the_servers_own_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLMSERVE_TEST_UNSET_VAR", raising=False)
+    config = base_config(tmp_path, rpm=100)
+    config["limits"]["tiers"]["t"]["requests_per_minute"] = "${LLMSERVE_TEST_RPM_A}"
+    server_env = {"LLMSERVE_TEST_RPM_A": "300", "LLMSERVE_TEST_RPM_B": "400"}
+
+    def refer_to(name: str) -> None:
+        rewrite(server, lambda d: d["limits"]["tiers"]["t"].update(
+            requests_per_minute="${" + name + "}"))  # fmt: skip
+
+    with llmserve_up(tmp_path, config, env=server_env) as server:
+        assert limit_header(server) == "300"
+        refer_to("LLMSERVE_TEST_RPM_B")  # set in the server's environment, not in this one
+        applied = reload_cli(server)
+        assert applied.stdout.startswith("applied: limits.tiers.t.requests_per_minute")
+        assert limit_header(server) == "400"
+        refer_to("LLMSERVE_TEST_UNSET_VAR")
+        broken = reload_cli(server)
+        assert broken.returncode == 1
+        assert broken.stdout.startswith("invalid: nothing changed")
+        assert "environment variable LLMSERVE_TEST_UNSET_VAR is not set" in broken.stdout
+        assert limit_header(server) == "400"
+        refer_to("LLMSERVE_TEST_RPM_A")
+        assert reload_cli(server).stdout.startswith("applied")
+        assert limit_header(server) == "300"

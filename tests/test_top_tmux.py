@@ -139,6 +139,8 @@ def test_top_in_a_real_terminal_shows_the_servers_numbers(tmux: Tmux) -> None:
         assert "329 ms" in screen and "497 ms" in screen
         assert "429 tokens_per_minute" in screen
         assert "alice" in screen and "bob" in screen
+        lora = next(line for line in screen.splitlines() if "smollm2-lora-a" in line)
+        assert re.search(r"smollm2-lora-a +\d+ +[\d.]+ +2,760", lora), lora  # usage by model
         assert "Traceback" not in screen
         tmux.keys("q")
         deadline = time.monotonic() + 10

@@ -164,3 +164,41 @@ def test_history_keeps_one_minute_and_sparkline_scales_to_the_max() -> None:
     assert history.points[0].at == 40.0 and history.points[-1].at == 100.0
     assert sparkline([0, 1, 2, 4], 6) == "  ▁▃▅█"
     assert sparkline([None, 0.0], 2) == "·▁"
+
+
+def test_usage_by_model_comes_from_the_per_model_counters(snapshot) -> None:
+    rows = [(m.name, m.tokens_per_second, m.requests_per_second, m.tokens)
+            for m in snapshot.models]  # fmt: skip
+    assert rows == [
+        ("smollm2", (10 * 120 + 4 * 11) / 2, 7.0, 100 * 50 + 10 * 120 + 4 * 11),
+        ("smollm2-lora-a", (10 * 76) / 2, 5.0, 50 * 40 + 10 * 76),
+    ]
+    text = text_of(render_dashboard(ViewState("u", 1.0, snapshot)))
+    lora = next(line for line in text.splitlines() if "smollm2-lora-a" in line)
+    assert re.search(r"smollm2-lora-a +380 +5\.0 +2,760", lora)
+    assert "bob" in lora  # beside the busiest principals
+
+
+def test_a_models_own_window_has_its_own_429_row() -> None:
+    previous, current = recorded(1, 100.0), recorded(2, 102.0)
+    current.samples["llmserve_rate_limit_rejections_total"] = [
+        ({"limit": "tokens_per_minute", "model": ""}, 5.0),
+        ({"limit": "requests_per_minute", "model": "smollm2-lora-a"}, 3.0),
+    ]  # fmt: skip
+    snap = summarize(previous, current)
+    assert snap.rejected_by_limit == {
+        "requests_per_minute (smollm2-lora-a)": (3.0, 3.0),
+        "tokens_per_minute": (4.0, 5.0),
+    }
+    text = text_of(render_dashboard(ViewState("u", 1.0, snap)), width=160)
+    assert re.search(r"429 requests_per_minute \(smollm2-lora-a\) +3 +3 ", text)
+
+
+def test_a_server_without_per_model_counters_shows_no_model_rows() -> None:
+    previous, current = recorded(1, 100.0), recorded(2, 102.0)
+    for scrape in (previous, current):
+        for name in ("llmserve_model_requests_total", "llmserve_model_tokens_total"):
+            scrape.samples.pop(name, None)
+    snap = summarize(previous, current)
+    assert snap.models == []
+    assert "no requests yet" in text_of(render_dashboard(ViewState("u", 1.0, snap)))

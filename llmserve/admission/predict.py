@@ -5,19 +5,29 @@
 - The wait: the requests that will be served before it (all those of its priority or higher,
   and of each lower class the share stride scheduling gives it; fairness.py), plus one slot to
   free, divided by the rate at which slots free up (drain.py). Zero when a slot is free now.
-  Before any completion the rate is a prior: `max_concurrency / PRIOR_REQUEST_SECONDS`.
+  Before any completion there is only evidence of a bound: when nothing has finished after
+  `t` seconds of use, a request holds its slot for at least `t`, so slots free up at most
+  `max_concurrency / t` per second. The wait predicted from that bound is the shortest
+  possible, so a request it refuses could not have made it: a burst on a fresh server is never
+  refused on a guess (the engine may be far faster than any prior), but it is refused at the
+  door once the engine has shown it is slow.
 - The prefill: `intercept + slope * prompt_tokens`, fitted by least squares with exponential
   forgetting over the observed (prompt tokens, seconds from admission to first token) of
   recent requests. Before enough history, a prior (PRIOR_PREFILL_*), meant to be pessimistic
   for a GPU and about right for a small model on a CPU.
 
-The queue refuses at the door a request whose prediction exceeds its objective (the tier's
-`ttft_slo_seconds`, or the time left to its deadline), so a client learns at once, with a
-Retry-After from the same prediction, instead of after waiting for nothing.
+The queue refuses at the door a request whose prediction exceeds DOOR_SHARE of its objective
+(the tier's `ttft_slo_seconds`, or the time left to its deadline), so a client learns at once,
+with a Retry-After from the same prediction, instead of after waiting for nothing. The margin:
+under overload the queue settles where the newest request's prediction just meets the door's
+bound, so every admitted waiter is a borderline case, and a prediction a little short (the drain
+rate is a count over a few seconds: +-15%) would otherwise send it away at its objective, after
+waiting for nothing; waiting at most DOOR_SHARE of the objective leaves that error room.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PRIOR_REQUEST_SECONDS = 5.0  # how long a request holds its slot, before any completion
@@ -25,6 +35,7 @@ PRIOR_PREFILL_SECONDS = 0.05  # fixed part of the time from admission to the fir
 PRIOR_PREFILL_SECONDS_PER_TOKEN = 1 / 2000  # and its part per prompt token
 FORGETTING = 0.95  # weight of the past at each new observation (about the last 20 count)
 MIN_OBSERVATIONS = 3.0  # effective observations before the fit replaces the prior
+DOOR_SHARE = 0.8  # the door admits a predicted time to first token up to this much of the goal
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +91,12 @@ def requests_ahead(
     return before + lower
 
 
-def wait_seconds(ahead: float, drain_per_second: float | None, max_concurrency: int) -> float:
+def wait_seconds(ahead: float, drain_per_second: float) -> float:
     """Seconds until `ahead + 1` slots have freed up."""
-    rate = drain_per_second or max_concurrency / PRIOR_REQUEST_SECONDS
-    return (ahead + 1.0) / rate
+    return (ahead + 1.0) / drain_per_second
+
+
+def bound_drain_rate(max_concurrency: int, busy_seconds: float) -> float:
+    """The most slot releases per second there can be when none was seen while the slots were
+    busy for `busy_seconds` (infinite at first: no evidence yet)."""
+    return max_concurrency / busy_seconds if busy_seconds > 0 else math.inf

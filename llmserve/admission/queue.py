@@ -39,9 +39,11 @@ from llmserve.admission.errors import (
 from llmserve.admission.fairness import FairQueue, Weight, default_weight
 from llmserve.admission.observer import AdmissionObserver, NullObserver, RejectReason
 from llmserve.admission.predict import (
+    DOOR_SHARE,
     PRIOR_REQUEST_SECONDS,
     Prediction,
     PrefillModel,
+    bound_drain_rate,
     requests_ahead,
     wait_seconds,
 )
@@ -101,6 +103,7 @@ class AdmissionQueue:
         self.reserved_slots = reserved_slots
         self.reserved_places = reserved_places
         self._top_seen_at: float | None = None  # the last request of the top priority
+        self._busy_since: float | None = None  # when the slots last went from none to some used
 
     def reconfigure(self, config: Config) -> None:
         """New queue settings (server/reload.py). Requests holding a slot keep it; if there
@@ -157,6 +160,16 @@ class AdmissionQueue:
         """Slot releases per second over the recent window; None before any."""
         return self._drain.per_second(self._clock())
 
+    def expected_drain_rate(self) -> float:
+        """The measured drain rate; before any release, the most it can be given how long the
+        slots have been busy with nothing finished (predict.bound_drain_rate)."""
+        now = self._clock()
+        rate = self._drain.per_second(now)
+        if rate is not None:
+            return rate
+        busy = 0.0 if self._busy_since is None else now - self._busy_since
+        return bound_drain_rate(self.max_concurrency, busy)
+
     def predict(self, priority: int, prompt_tokens: int) -> Prediction:
         """Predicted wait and prefill of a request of `priority` joining now (predict.py)."""
         if self._in_flight < self._slot_limit(priority) and not self._fair.waiting_at_least(
@@ -166,7 +179,7 @@ class AdmissionQueue:
         else:
             weights = {p: self._weight(p) for p in {priority, *self._fair.counts()}}
             ahead = requests_ahead(priority, self._fair.counts(), weights)
-            wait = wait_seconds(ahead, self.drain_rate(), self.max_concurrency)
+            wait = wait_seconds(ahead, self.expected_drain_rate())
         return Prediction(wait, self._prefill.seconds(prompt_tokens))
 
     def refuse_early(
@@ -245,21 +258,16 @@ class AdmissionQueue:
         prediction = self.predict(priority, prompt_tokens)
         if prediction.wait_seconds <= 0:
             return prediction  # a slot is free: nothing could do better
-        if self.drain_rate() is None:
-            # No request has finished yet: the wait is a guess, too weak to turn anyone away
-            # (a burst right after start-up). The request waits; if its first token cannot
-            # come in time it still leaves at its objective (enqueue's give-up time).
-            return prediction
         objective = ttft_slo
         if deadline is not None:
             objective = deadline - now if objective is None else min(objective, deadline - now)
-        if objective is not None and prediction.ttft_seconds > objective:
+        if objective is not None and prediction.ttft_seconds > DOOR_SHARE * objective:
             self._observer.rejected(priority, "slo", 0.0)
-            excess = prediction.ttft_seconds - objective
+            excess = prediction.ttft_seconds - DOOR_SHARE * objective
             raise server_overloaded(
                 retry_after_seconds(excess, self.max_wait_seconds),
-                f"the predicted time to first token ({prediction.ttft_seconds:.1f}s) exceeds "
-                f"this request's objective ({objective:.1f}s)",
+                f"the predicted time to first token ({prediction.ttft_seconds:.1f}s) leaves too "
+                f"little margin within this request's objective ({objective:.1f}s)",
             )
         return prediction
 
@@ -340,6 +348,8 @@ class AdmissionQueue:
     def _admit(self, ticket: Ticket, now: float) -> None:
         ticket._state = TicketState.ADMITTED
         ticket.admitted_at = now
+        if self._in_flight == 0:
+            self._busy_since = now
         self._in_flight += 1
         waited = now - ticket.enqueued_at
         self._observer.admitted(ticket.priority, waited)
@@ -378,6 +388,8 @@ class AdmissionQueue:
             now = self._clock()
             ticket._state = TicketState.RELEASED
             self._in_flight -= 1
+            if self._in_flight == 0:
+                self._busy_since = None
             self._drain.record(now)
             self._admit_waiters(now)
             self._observer.released(ticket.priority, now - (ticket.admitted_at or now))

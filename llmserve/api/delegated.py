@@ -65,7 +65,7 @@ async def delegate(
     if not isinstance(model, str):
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
     served = gateway.check_model(model, principal)
-    record.model = model
+    record.model, record.root_model = model, served.root
     # vLLM's handlers know the base model and the adapters, not the aliases: they get the model
     # an alias stands for, and the response is given the requested name back
     rename = ModelRename(served.root, model) if served.alias else None

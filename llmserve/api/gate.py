@@ -104,6 +104,7 @@ class RequestGate:
             options=SamplingOptions(max_tokens=max_tokens, priority=caller.priority),
             principal=caller.principal,
             tier=caller.tier,
+            root_model=self._record.root_model,
             deadline=caller.deadline,
         )
 

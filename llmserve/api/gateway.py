@@ -32,6 +32,7 @@ from llmserve.engine.base import (
     SamplingOptions,
 )
 from llmserve.engine.catalog import ServedModel
+from llmserve.engine.served import ServedModels
 from llmserve.errors import (
     APIError,
     ContextLengthExceeded,
@@ -64,6 +65,7 @@ class Job:
     options: SamplingOptions
     principal: Principal
     tier: str
+    root_model: str | None = None  # the model it runs (an alias's target): its limits apply
     stream: bool = False
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
@@ -87,6 +89,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self.engine = engine
+        self.models = ServedModels(engine, config.engine)  # the names served, changed at run time
         self.limiter = limiter
         self.admission = admission
         # a store that never yields (memory) needs no task to protect its calls from cancellation
@@ -234,9 +237,8 @@ class Gateway:
         if self.limiter is None:
             return None
         p = job.principal
-        reserve = self.limiter.reserve(
-            p.id, job.tier, p.limit_overrides, job.prompt.num_tokens, job.options.max_tokens
-        )
+        reserve = self.limiter.reserve(p.id, job.tier, p.limit_overrides, job.prompt.num_tokens,
+                                       job.options.max_tokens, job.root_model)  # fmt: skip
         if not self._shield_limiter:
             return await reserve
         task = asyncio.ensure_future(reserve)

@@ -96,7 +96,7 @@ async def _chat(request: web.Request, gateway: Gateway, principal: Principal) ->
     except NotNative as exc:  # the body parsed once serves the engine's frontend too
         return await delegate(request, gateway, principal, "chat", body, exc)
     served = gateway.check_model(params.model, principal)
-    _note_model(request, params.model)  # after the check: only a real model name is recorded
+    _note_model(request, served)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_chat(params.messages)
     job = _job(request, gateway, principal, params, prompt, chat=True)
     return await gateway.run(request, _on_model(job, served))
@@ -111,7 +111,7 @@ async def _completions(
     except NotNative as exc:
         return await delegate(request, gateway, principal, "completions", body, exc)
     served = gateway.check_model(params.model, principal)
-    _note_model(request, params.model)  # after the check: only a real model name is recorded
+    _note_model(request, served)  # after the check: only a real model name is recorded
     prompt = await gateway.engine.render_completion(params.prompt_text)
     job = _job(request, gateway, principal, params, prompt, chat=False)
     return await gateway.run(request, _on_model(job, served))
@@ -139,8 +139,9 @@ async def _parse(raw: bytes, gateway: Gateway) -> dict[str, Any]:
     return await parse_json_body(raw, JSONLimits.of(gateway.config.server))
 
 
-def _note_model(request: web.Request, model: str) -> None:
-    request[RECORD].model = model
+def _note_model(request: web.Request, served: ServedModel) -> None:
+    record = request[RECORD]
+    record.model, record.root_model = served.name, served.root
 
 
 def _on_model(job: Job, served: ServedModel) -> Job:
@@ -172,6 +173,7 @@ def _job(request: web.Request, gateway: Gateway, principal: Principal,
         options=options,
         principal=principal,
         tier=tier_name,
+        root_model=request[RECORD].root_model,
         stream=bool(params.stream),
         include_usage=params.include_usage,
     )

@@ -16,20 +16,8 @@ if TYPE_CHECKING:
 
 
 def catalog_of(gateway: Gateway) -> ModelCatalog:
-    """The gateway's catalog, built once per engine config (a reload keeps the engine's)."""
-    engine_config = gateway.config.engine
-    base = gateway.engine.model_name
-    cached = _CACHE.get(id(gateway))
-    if cached is not None and cached[0] is engine_config and cached[1].base == base:
-        return cached[1]
-    catalog = ModelCatalog.of(base, engine_config)
-    _CACHE[id(gateway)] = (engine_config, catalog)
-    if len(_CACHE) > 64:  # gateways of tests come and go
-        del _CACHE[next(iter(_CACHE))]
-    return catalog
-
-
-_CACHE: dict[int, tuple[object, ModelCatalog]] = {}
+    """The names served now (engine/served.py: adapters and aliases change while it runs)."""
+    return gateway.models.catalog
 
 
 def resolve_model(gateway: Gateway, model: str, principal: Principal) -> ServedModel:

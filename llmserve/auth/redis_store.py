@@ -42,6 +42,7 @@ from llmserve.auth.keys import (
     new_key,
     parse_key_id,
 )
+from llmserve.limits.stores.persistence import persistence_warning
 from llmserve.limits.stores.resp import (
     RedisClient,
     RespArg,
@@ -270,20 +271,10 @@ class RedisKeyStore:
         return sorted(found, key=lambda r: (r.revoked_at, r.field))
 
     async def persistence_warning(self) -> str | None:
-        """What is at risk when this Redis keeps no copy of its data: a restart loses every
-        key. None when it persists, or when it cannot be told (CONFIG disabled)."""
-        try:
-            save, appendonly = await self.client.call_many(
-                [("CONFIG", "GET", "save"), ("CONFIG", "GET", "appendonly")]
-            )
-        except (RespFailure, OSError):
-            return None
-        if _config_value(save) or _config_value(appendonly) == "yes":
-            return None
-        return (
-            f"auth.keys: the Redis server at {self.client.where} has no persistence "
-            "(no RDB `save`, `appendonly no`): a restart loses every API key and JWT "
-            "revocation. Set `appendonly yes` on it; see docs/auth.md."
+        """What a restart of a Redis server that keeps no copy of its data costs (every key
+        lost); None when it persists or cannot be told (limits/stores/persistence.py)."""
+        return await persistence_warning(
+            self.client, "auth.keys", "loses every API key and JWT revocation", "docs/auth.md"
         )
 
     async def close(self) -> None:
@@ -341,9 +332,3 @@ def _with_last_used(record: KeyRecord, when: str | None) -> KeyRecord:
         return replace(record, last_used=float(when)) if when is not None else record
     except ValueError:
         return record
-
-
-def _config_value(reply: Any) -> str:
-    if isinstance(reply, list) and len(reply) == 2:
-        return _text(reply[1]) or ""
-    return ""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
@@ -54,31 +56,27 @@ def _check_store_persistence(cfg: Config) -> None:
         return
     from llmserve.limits.stores import store_from_url
 
-    async def probe() -> str | None:
-        store = store_from_url(cfg.limits.store)
-        try:
-            check = getattr(store, "persistence_warning", None)
-            return await check() if check is not None else None
-        finally:
-            await store.close()
-
-    warning = asyncio.run(probe())
-    if warning:
-        typer.echo(f"# warning: {warning}", err=True)
+    _warn_without_persistence(lambda: store_from_url(cfg.limits.store))
 
 
 def _check_key_store_persistence(cfg: Config) -> None:
     """A Redis key store without persistence loses every API key on a restart."""
     from llmserve.auth.store import is_redis_url, key_store_from_url
 
-    if not cfg.auth.enabled or not is_redis_url(cfg.auth.keys):
-        return
+    if cfg.auth.enabled and is_redis_url(cfg.auth.keys):
+        _warn_without_persistence(lambda: key_store_from_url(cfg.auth.keys))
+
+
+def _warn_without_persistence(open_store: Callable[[], Any]) -> None:
+    """Ask the store's Redis once (limits/stores/persistence.py); print its warning if any."""
+    from llmserve.limits.stores.persistence import ChecksPersistence
 
     async def probe() -> str | None:
-        store = key_store_from_url(cfg.auth.keys)
+        store = open_store()
         try:
-            check = getattr(store, "persistence_warning", None)
-            return await check() if check is not None else None
+            if isinstance(store, ChecksPersistence):
+                return await store.persistence_warning()
+            return None
         finally:
             await store.close()
 

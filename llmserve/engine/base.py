@@ -48,6 +48,15 @@ class Delta:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadedAdapter:
+    """A LoRA adapter the engine has loaded, served once `Engine.serve_adapter` is called."""
+
+    name: str
+    path: str
+    handle: Any = None  # the engine's own object for it (vLLM's LoRARequest)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     """The engine's scheduler state. With several engines (data parallel), the headline is
     the fullest KV cache and the sums of requests; `ranks` has each engine's own."""
@@ -186,5 +195,21 @@ class Engine(Protocol):
     @property
     def dead(self) -> BaseException | None:
         """The fatal error once the engine has died for good (the process should exit)."""
+
+    async def load_adapter(self, name: str, path: str) -> LoadedAdapter:
+        """Load the LoRA adapter at `path` into the engine, not served yet. Raise an `APIError`
+        when it cannot be (InvalidRequest: a broken adapter; Conflict: LoRA off, or no room);
+        the engine then holds nothing more."""
+
+    def serve_adapter(self, adapter: LoadedAdapter) -> None:
+        """Run `adapter` for requests naming it from now on (in place of an adapter of that
+        name, whose requests in flight finish on it)."""
+
+    def retire_adapter(self, name: str) -> int:
+        """Stop serving the adapter `name`; return how many requests are still running on it.
+        They finish on it; then the engine frees it."""
+
+    async def discard_adapter(self, adapter: LoadedAdapter) -> None:
+        """Free an adapter that was loaded but never served."""
 
     async def close(self) -> None: ...

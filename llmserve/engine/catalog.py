@@ -3,15 +3,14 @@
 Pure (no vllm): the API resolves a request's `model` here (api/models.py), and decides what a
 caller's model allow-list lets it use. An alias is another name of a served model: a request
 for it runs that model, its response names the alias. docs/engine.md, "LoRA adapters and
-aliases", has the rules.
+aliases", has the rules. A catalog never changes: engine/served.py builds a new one when
+adapters or aliases change while the server runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-
-from llmserve.config import EngineConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +44,10 @@ class ModelCatalog:
         for alias, target in (aliases or {}).items():
             model = own.get(target)
             if model is None or alias in own:
-                continue  # the config refuses these (EngineConfig); never a dangling name
+                continue  # the config and engine/served.py refuse these: never a dangling name
             entries.append(ServedModel(alias, model.root, model.adapter, model.parent, True))
         self._entries = tuple(entries)
         self._by_name = {entry.name: entry for entry in entries}
-
-    @classmethod
-    def of(cls, base: str, config: EngineConfig) -> ModelCatalog:
-        """The catalog of an engine serving `base` (its model_name) with `config`'s adapters
-        and aliases."""
-        return cls(base, config.lora.adapters, config.aliases)
 
     def get(self, name: str) -> ServedModel | None:
         return self._by_name.get(name)

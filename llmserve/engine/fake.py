@@ -5,14 +5,15 @@ Prompt tokens: one per whitespace-separated word of the rendered prompt. A chat 
 one line per message, `<role>: <content>`, followed by `assistant:` (the generation prompt), so
 `[{"role": "user", "content": "hi there"}]` is `user: hi there\nassistant:`: 4 tokens.
 A stop string that equals a whole output word ends generation before that word.
-LoRA adapters (engine.lora.adapters) are names only: the adapter at position k (from 0) starts
-its output 5 x (k + 1) words further into `WORDS`, so each model name answers differently.
+LoRA adapters (engine.lora.adapters) are names only: the k-th adapter loaded (from 1: those of
+the config first, in order, then those loaded at run time) starts its output 5 x k words further
+into `WORDS`, so each model name answers differently; a path in `adapter_errors` fails to load.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,12 @@ from llmserve.engine.base import (
     EngineError,
     EngineStats,
     EngineUnavailable,
+    LoadedAdapter,
     Prompt,
     RankStats,
     SamplingOptions,
 )
-from llmserve.errors import InvalidRequest
+from llmserve.errors import Conflict, InvalidRequest
 
 WORDS = (
     "The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
@@ -61,9 +63,14 @@ class FakeEngine:
         max_num_seqs: int = 16,
         data_parallel_size: int = 1,
         adapters: tuple[str, ...] = (),
+        max_adapters: int | None = None,
     ) -> None:
         self._model_name = model_name
-        self.adapters = adapters
+        self._adapter_ids = {name: k for k, name in enumerate(adapters, start=1)}
+        self._loaded_ids = len(adapters)
+        self.max_adapters = max_adapters  # adapters it may hold (None: any number)
+        self.adapter_errors: dict[str, str] = {}  # path -> why loading it fails (scripted)
+        self.on_adapter: Counter[int] = Counter()  # requests running, by adapter id
         self._max_model_len = max_model_len
         self.ttft_seconds = ttft_seconds
         self.tokens_per_second = tokens_per_second
@@ -105,6 +112,11 @@ class FakeEngine:
         return self._model_name
 
     @property
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters served, in the order they were loaded."""
+        return tuple(self._adapter_ids)
+
+    @property
     def max_model_len(self) -> int:
         return self._max_model_len
 
@@ -131,21 +143,24 @@ class FakeEngine:
         self, prompt: Prompt, options: SamplingOptions, request_id: str
     ) -> AsyncGenerator[Delta, None]:
         self._check_alive()
-        if options.adapter is not None and options.adapter not in self.adapters:
+        adapter = 0 if options.adapter is None else self._adapter_ids.get(options.adapter)
+        if adapter is None:
             raise InvalidRequest(f"This server has no adapter {options.adapter!r}.", param="model")
         self.calls.append(GenerateCall(request_id, prompt, options))
         self.running += 1
+        self.on_adapter[adapter] += 1
         self.max_running = max(self.max_running, self.running)
         finished = False
         try:
-            async for delta in self._deltas(options):
+            async for delta in self._deltas(options, 5 * adapter):
                 yield delta
             finished = True
         finally:
             self.running -= 1
+            self.on_adapter[adapter] -= 1
             (self.finished if finished else self.aborted).append(request_id)
 
-    async def _deltas(self, options: SamplingOptions) -> AsyncIterator[Delta]:
+    async def _deltas(self, options: SamplingOptions, offset: int) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         start = loop.time()
         if self.ttft_seconds:
@@ -156,7 +171,6 @@ class FakeEngine:
         if self.output_tokens is not None:
             limit = min(limit, self.output_tokens)
         stops = set(options.stop)
-        offset = 0 if options.adapter is None else 5 * (self.adapters.index(options.adapter) + 1)
         for i in range(limit):
             if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
                 raise EngineError(f"fake engine failure after {i} tokens")
@@ -181,6 +195,28 @@ class FakeEngine:
                 return
         if index % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)
+
+    async def load_adapter(self, name: str, path: str) -> LoadedAdapter:
+        self._check_alive()
+        if path in self.adapter_errors:
+            raise InvalidRequest(f"Adapter {name!r}: {self.adapter_errors[path]}.",
+                                 code="adapter_invalid", param="path")  # fmt: skip
+        if self.max_adapters is not None and len(self._adapter_ids) >= self.max_adapters:
+            raise Conflict(f"The engine holds {self.max_adapters} adapters, as many as it may.",
+                           code="adapter_limit")  # fmt: skip
+        self._loaded_ids += 1
+        return LoadedAdapter(name, path, self._loaded_ids)
+
+    def serve_adapter(self, adapter: LoadedAdapter) -> None:
+        self._adapter_ids.pop(adapter.name, None)
+        self._adapter_ids[adapter.name] = adapter.handle
+
+    def retire_adapter(self, name: str) -> int:
+        adapter = self._adapter_ids.pop(name, None)
+        return 0 if adapter is None else self.on_adapter[adapter]
+
+    async def discard_adapter(self, adapter: LoadedAdapter) -> None:
+        return None
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -211,8 +247,7 @@ class FakeEngine:
             running=self.running,
             waiting=0,
             ranks=tuple(
-                RankStats(r, min(1.0, n / self.max_num_seqs), n, 0)
-                for r, n in enumerate(per_rank)
+                RankStats(r, min(1.0, n / self.max_num_seqs), n, 0) for r, n in enumerate(per_rank)
             ),
         )
 

@@ -8,12 +8,13 @@ and why the CPU settings are what they are: docs/engine.md ("CPU notes") and `vl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,11 +26,14 @@ from llmserve.engine.base import (
     EngineError,
     EngineStats,
     EngineUnavailable,
+    LoadedAdapter,
     Prompt,
     PromptTooLong,
     SamplingOptions,
 )
+from llmserve.engine.node_heartbeat import HeartbeatListener
 from llmserve.engine.reaper import Reaper
+from llmserve.engine.vllm_adapters import LoraSet
 from llmserve.engine.vllm_args import (
     BASE_ENV,
     EngineLaunch,
@@ -37,6 +41,7 @@ from llmserve.engine.vllm_args import (
     check_options,
     cpu_dtype,
     frontend_args,
+    is_multi_node,
     read_cpu_flags,
     read_mem_available,
     resolve_device,
@@ -44,9 +49,11 @@ from llmserve.engine.vllm_args import (
 from llmserve.engine.vllm_frontend import VLLMFrontend, build_frontend
 from llmserve.engine.vllm_render import content_length, encode, render_chat_text
 from llmserve.engine.vllm_stats import StatsSink, stat_logger_factory
-from llmserve.errors import EngineStartError, InvalidRequest
+from llmserve.errors import Conflict, EngineStartError, InvalidRequest
 
 log = logging.getLogger(__name__)
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept until they end
 
 # Conversations longer than this are rendered in a worker thread, so one big prompt does not
 # stall every stream; short ones are cheaper to render inline (~0.1 ms) than to hand off.
@@ -82,7 +89,9 @@ class VLLMEngine:
         self._lock = threading.Lock()  # orders close() against a start-up thread
         self._reaper: Reaper | None = None  # kills the engine's processes if the server dies
         self._aborting: set[str] = set()  # requests abort() ended: no finish is expected
-        self._loras: dict[str, Any] = {}  # adapter name -> vLLM's LoRARequest (engine.lora)
+        self._loras: LoraSet | None = None  # the adapters served (vllm_adapters.py)
+        self._in_flight: set[str] = set()  # requests generating now
+        self._heartbeats: HeartbeatListener | None = None  # worker nodes (node_heartbeat.py)
         self.start_seconds: float | None = None
 
     @property
@@ -109,9 +118,11 @@ class VLLMEngine:
         if self._reaper is None:
             self._reaper = Reaper.start()  # before the engine's processes exist
         try:
+            await self._watch_nodes()
             await self._start()
         except BaseException:
             self._stop_reaper()
+            await self._stop_watching_nodes()
             raise
         self.start_seconds = time.monotonic() - began
         log.info(
@@ -125,16 +136,18 @@ class VLLMEngine:
     async def _start(self) -> None:
         # The result comes back through an attribute, not the thread's future: an idle worker
         # thread keeps its last future alive, and with it the engine after close().
-        await asyncio.to_thread(self._build)
+        await _in_daemon_thread(self._build)
         llm, self._built = self._built, None
         self._tokenizer = llm.get_tokenizer()
         self._sampling_defaults = _sampling_defaults(llm)
         try:
+            loras = self._lora_set(llm)
             self._frontend = await build_frontend(
-                llm, frontend_args(self._config, _frontend_arg_names())
+                llm, frontend_args(self._config, _frontend_arg_names()), loras
             )
-            self._loras = _lora_requests(self._vllm.LoRARequest, self._config)
-            self._frontend.share_loras(self._loras)
+            loras.adopt(_lora_requests(self._vllm.LoRARequest, self._config),
+                        self._frontend.lora_registry)  # fmt: skip
+            self._loras = loras
         except Exception as exc:
             _shutdown(llm)
             raise EngineStartError(f"vLLM's request handlers could not start: {exc}") from exc
@@ -180,6 +193,9 @@ class VLLMEngine:
         with self._lock:
             self._closed = True
         llm, self._llm = self._llm, None
+        await self._stop_watching_nodes()
+        if self._loras is not None:
+            self._loras.close()
         if llm is not None:
             _shutdown(llm)
         self._stop_reaper()
@@ -190,6 +206,41 @@ class VLLMEngine:
             reaper.stop()
 
     # -- health -------------------------------------------------------------------------------
+
+    async def _watch_nodes(self) -> None:
+        """On an engine that spans nodes, listen for the workers' heartbeats: a worker node
+        that stops makes this engine dead (node_heartbeat.py)."""
+        if not is_multi_node(self._config) or self._heartbeats is not None:
+            return
+        nodes = self._config.nodes
+        host = nodes.data_parallel_address or nodes.master_addr or "0.0.0.0"
+        listener = HeartbeatListener(self._node_lost)
+        try:
+            await listener.start(host, nodes.heartbeat_port)
+        except OSError as exc:
+            raise EngineStartError(
+                f"engine.nodes.heartbeat_port: cannot listen on {host}:{nodes.heartbeat_port} "
+                f"for the worker nodes' heartbeats: {exc}"
+            ) from exc
+        self._heartbeats = listener
+
+    async def _stop_watching_nodes(self) -> None:
+        listener, self._heartbeats = self._heartbeats, None
+        if listener is not None:
+            await listener.close()
+
+    def _node_lost(self, node: str, why: str) -> None:
+        """A worker node went away: its ranks answer nothing more, so the engine is dead, and
+        the requests in flight end now (with 503 or an error event) instead of hanging."""
+        if self._closed:
+            return
+        self._mark_dead(EngineUnavailable(f"worker {node} {why}"))
+        llm = self._llm
+        if llm is not None and self._in_flight:
+            ids = list(self._in_flight)
+            task = asyncio.get_running_loop().create_task(llm.abort(ids))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
 
     @property
     def dead(self) -> BaseException | None:
@@ -266,14 +317,16 @@ class VLLMEngine:
             token_ids = (await self.render_completion(prompt.text or "")).token_ids or []
         if len(token_ids) + options.max_tokens > self.max_model_len:
             raise PromptTooLong(len(token_ids), self.max_model_len)
+        held = contextlib.ExitStack()  # the adapter's use, until the request ends
         stream = llm.generate(
             self._vllm.tokens_input(token_ids),
             self._sampling_params(options),
             request_id,
             **self._priority(options),
-            **self._lora(options),
+            **self._lora(options, held),
         )
         finished = False
+        self._in_flight.add(request_id)
         try:
             async for output in stream:
                 delta = _delta_of(output)
@@ -297,9 +350,11 @@ class VLLMEngine:
                 raise EngineUnavailable("engine is not available") from exc
             raise EngineError("generation failed") from exc
         finally:
+            self._in_flight.discard(request_id)
             self._aborting.discard(request_id)
             # Closing our iterator early (client gone) closes vLLM's, which aborts the request.
             await stream.aclose()
+            held.close()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and not self._closed:
@@ -329,13 +384,68 @@ class VLLMEngine:
         except (ValueError, self._vllm.VLLMValidationError) as exc:  # vLLM's range checks
             raise InvalidRequest(str(exc)) from None
 
-    def _lora(self, options: SamplingOptions) -> dict[str, Any]:
+    def _lora(self, options: SamplingOptions, held: contextlib.ExitStack) -> dict[str, Any]:
         if options.adapter is None:
             return {}
-        lora = self._loras.get(options.adapter)
+        lora = self._loras.get(options.adapter) if self._loras is not None else None
         if lora is None:
             raise InvalidRequest(f"This server has no adapter {options.adapter!r}.", param="model")
+        assert self._loras is not None
+        held.enter_context(self._loras.running(lora))
         return {"lora_request": lora}
+
+    # -- LoRA adapters at run time (engine/served.py decides; vllm_adapters.py keeps them) ----
+
+    async def load_adapter(self, name: str, path: str) -> LoadedAdapter:
+        loras = self._lora_set_in_use()
+        path = vllm_lora.adapter_path(path)
+        limit = int(self._launch.engine_args["max_lora_rank"]) if self._launch else 0
+        setting = (
+            f"engine.lora.max_lora_rank ({limit})"
+            if self._config.lora.max_lora_rank
+            else f"this engine's max_lora_rank ({limit}; set engine.lora.max_lora_rank and "
+            "restart to serve larger ones)"
+        )
+        problem = vllm_lora.adapter_problem(path, limit, setting, self._module_shapes())
+        if problem is not None:
+            raise InvalidRequest(f"Adapter {name!r}: {problem}.", code="adapter_invalid",
+                                 param="path")  # fmt: skip
+        return LoadedAdapter(name, path, await loras.load(name, path))
+
+    def serve_adapter(self, adapter: LoadedAdapter) -> None:
+        assert self._loras is not None  # load_adapter made it: the engine has started
+        self._loras.serve(adapter.handle)
+
+    def retire_adapter(self, name: str) -> int:
+        # Never raises, dead engine or not. Before the start nothing runs on it (the engine then
+        # loads its file's adapters; the catalog keeps requests from reaching this one).
+        return self._loras.retire(name) if self._loras is not None else 0
+
+    async def discard_adapter(self, adapter: LoadedAdapter) -> None:
+        if self._loras is not None:
+            await self._loras.discard(adapter.handle)
+
+    def _lora_set(self, llm: Any) -> LoraSet:
+        assert self._launch is not None
+        capacity = vllm_lora.adapter_capacity(self._launch.engine_args, self._launch.device)
+        return LoraSet(llm, self._vllm.LoRARequest, self.model_name, capacity,
+                       lambda: self.dead is not None)  # fmt: skip
+
+    def _lora_set_in_use(self) -> LoraSet:
+        self._require_llm()
+        loras = self._loras
+        if loras is None or loras.capacity == 0:
+            raise Conflict(
+                "This engine was started without LoRA: set engine.lora.max_loras (slots for "
+                "adapters loaded at run time) and restart.", code="lora_disabled",
+            )  # fmt: skip
+        return loras
+
+    def _module_shapes(self) -> dict[str, tuple[int, int]] | None:
+        try:
+            return vllm_lora.module_shapes(self._llm.model_config.hf_text_config)
+        except (AttributeError, TypeError, ValueError):  # not a Llama-style model: not checked
+            return None
 
     def _priority(self, options: SamplingOptions) -> dict[str, int]:
         if self._launch is None or not self._launch.priority_scheduling:
@@ -362,6 +472,36 @@ def _lora_requests(lora_request: Any, config: EngineConfig) -> dict[str, Any]:
         )
         for a in vllm_lora.adapters(config)
     }
+
+
+async def _in_daemon_thread(work: Callable[[], None]) -> None:
+    """Run `work` in a daemon thread of its own and wait for it. Not the loop's executor: vLLM's
+    start-up may block for up to 600 s (waiting for the engines of other nodes), and the
+    executor's threads are joined when the loop closes, so a SIGTERM then would not end the
+    process until vLLM gives up. A daemon thread is left behind; the reaper ends the engine's
+    processes."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(finish, error)
+
+    threading.Thread(target=run, name="llmserve-engine-start", daemon=True).start()
+    await done
 
 
 def _delta_of(output: Any) -> Delta | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,11 @@ def cpu_dtype(
         return DtypeChoice("auto", "the CPU computes bfloat16 natively: the checkpoint's dtype")
     weights = _float32_weight_bytes(Path(config.model))
     if weights is not None and _float32_fits(weights, config, mem_available):
-        return DtypeChoice("float32", "no native bfloat16 on this CPU (3.5x slower there)")
+        return DtypeChoice(
+            "float32",
+            "no native bfloat16 on this CPU, or ONEDNN_MAX_CPU_ISA caps it below: float32 "
+            "(bfloat16 runs 3.5x slower there)",
+        )
     return DtypeChoice(
         "auto",
         "no native bfloat16 on this CPU, but the weights are too large (or unknown) for "
@@ -292,8 +297,12 @@ def read_mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where unreadable."""
+def read_cpu_flags(
+    cpuinfo: Path = Path("/proc/cpuinfo"), environ: Mapping[str, str] = os.environ
+) -> frozenset[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`) this process may use: without the
+    bfloat16 ones where `ONEDNN_MAX_CPU_ISA` caps oneDNN (which runs PyTorch's CPU matrix
+    products) below them. Empty where unreadable."""
     try:
         text = cpuinfo.read_text()
     except OSError:
@@ -301,8 +310,19 @@ def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     for line in text.splitlines():
         name, _, value = line.partition(":")
         if name.strip() in ("flags", "Features"):
-            return frozenset(value.split())
+            flags = frozenset(value.split())
+            return flags - NATIVE_BF16_FLAGS if _isa_cap_below_bf16(environ) else flags
     return frozenset()
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below AVX-512 BF16: bfloat16 is emulated under them
+_ONEDNN_BELOW_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
+def _isa_cap_below_bf16(environ: Mapping[str, str]) -> bool:
+    return environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_BELOW_BF16
 
 
 def _float32_weight_bytes(model_dir: Path) -> int | None:

@@ -16,10 +16,11 @@ Only this module and `vllm.py` import vllm.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, MutableMapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -31,6 +32,7 @@ from llmserve.engine.base import (
     JSONReply,
     StreamReply,
 )
+from llmserve.engine.vllm_adapters import LoraSet
 from llmserve.errors import (
     APIError,
     EngineFailed,
@@ -53,12 +55,21 @@ class GateRefused(Exception):
 
 
 class GatedEngineClient:
-    """vLLM's engine client (AsyncLLM) with every generation passed through the request's gate.
-    Everything else is the wrapped client's own attribute."""
+    """vLLM's engine client (AsyncLLM) with every generation passed through the request's gate,
+    and counted on its LoRA adapter (vllm_adapters.py). Everything else is the wrapped client's
+    own attribute."""
 
-    def __init__(self, llm: Any, rejections: tuple[type[BaseException], ...]) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        rejections: tuple[type[BaseException], ...],
+        loras: LoraSet,
+        not_found: Callable[[str], BaseException],
+    ) -> None:
         self._llm = llm
         self._rejections = rejections  # what vLLM raises for a request it will not run
+        self._loras = loras
+        self._not_found = not_found  # vLLM's own 404 (an adapter unloaded meanwhile)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
@@ -73,22 +84,37 @@ class GatedEngineClient:
         n = int(getattr(sampling_params, "n", 1) or 1)
         max_tokens = int(sampling_params.max_tokens or 0)
         requested_priority = int(kwargs.get("priority") or 0)
-        admitted = await _enter(gate, _prompt_length(prompt), max_tokens, n, requested_priority)
-        kwargs["priority"] = admitted.engine_priority
-        counter = _OutputCounter(sampling_params)
+        held = self._hold_adapter(kwargs.get("lora_request"))
         try:
-            stream = self._llm.generate(prompt, sampling_params, request_id, **kwargs)
+            admitted = await _enter(gate, _prompt_length(prompt), max_tokens, n,
+                                    requested_priority)  # fmt: skip
+            kwargs["priority"] = admitted.engine_priority
+            counter = _OutputCounter(sampling_params)
             try:
-                async for output in stream:
-                    counter.observe(output, admitted)
-                    yield output
-            except self._rejections:  # vLLM's input checks: nothing ran
-                admitted.on_rejected()
-                raise
+                stream = self._llm.generate(prompt, sampling_params, request_id, **kwargs)
+                try:
+                    async for output in stream:
+                        counter.observe(output, admitted)
+                        yield output
+                except self._rejections:  # vLLM's input checks: nothing ran
+                    admitted.on_rejected()
+                    raise
+                finally:
+                    await stream.aclose()  # aborts the engine request when it did not finish
             finally:
-                await stream.aclose()  # aborts the engine request when it did not finish
+                await admitted.close()
         finally:
-            await admitted.close()
+            held.close()
+
+    def _hold_adapter(self, lora: Any) -> contextlib.ExitStack:
+        """The generation's use of its adapter (none for the base model), until it ends."""
+        held = contextlib.ExitStack()
+        if lora is not None:
+            try:
+                held.enter_context(self._loras.running(lora))
+            except NotFound as exc:
+                raise self._not_found(exc.message) from None
+        return held
 
 
 async def _enter(
@@ -150,20 +176,12 @@ class VLLMFrontend:
         self._models = request_models
         self._errors = errors
 
-    def share_loras(self, loras: Mapping[str, Any]) -> None:
-        """Make vLLM's handlers run each adapter with the fast path's own LoRARequest (same id,
-        same path: one loaded copy). vLLM numbered its `--lora-modules` itself; a number that
-        differs from ours is logged, then ours wins."""
-        registry = self._state.openai_serving_models.lora_requests
-        for name, ours in loras.items():
-            theirs = registry.get(name)
-            if theirs is None or (theirs.lora_int_id, theirs.lora_path) != (
-                ours.lora_int_id,
-                ours.lora_path,
-            ):
-                log.warning("vLLM registered LoRA adapter %r as %r; using id %s, path %s",
-                            name, theirs, ours.lora_int_id, ours.lora_path)  # fmt: skip
-            registry[name] = ours
+    @property
+    def lora_registry(self) -> MutableMapping[str, Any]:
+        """The adapters vLLM's handlers know, by name (OpenAIServingModels.lora_requests): kept
+        equal to the fast path's by vllm_adapters.LoraSet, so both run one loaded copy."""
+        registry: MutableMapping[str, Any] = self._state.openai_serving_models.lora_requests
+        return registry
 
     def request_fields(self, route: FrontendRoute) -> frozenset[str]:
         if route == "tokenize":
@@ -335,8 +353,9 @@ def _is_union_branch(part: Any) -> bool:
     return "[" in text or text[:1].isupper() or text in ("str", "int", "float", "bool")
 
 
-async def build_frontend(llm: Any, serve_args: list[str]) -> VLLMFrontend:
-    """vLLM's serving state for `llm`, from `vllm serve`-style arguments (the model first)."""
+async def build_frontend(llm: Any, serve_args: list[str], loras: LoraSet) -> VLLMFrontend:
+    """vLLM's serving state for `llm`, from `vllm serve`-style arguments (the model first);
+    its generations are counted on their adapters in `loras`."""
     from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -359,7 +378,7 @@ async def build_frontend(llm: Any, serve_args: list[str]) -> VLLMFrontend:
     errors = EngineErrors((VLLMClientError,), (VLLMNotFoundError,),
                           (EngineDeadError, GracefulHTTPError))  # fmt: skip
     state = State()
-    client = GatedEngineClient(llm, errors.client)
+    client = GatedEngineClient(llm, errors.client, loras, VLLMNotFoundError)
     await init_app_state(client, state, args, await llm.get_supported_tasks())
     models: dict[str, type[BaseModel]] = {
         "chat": ChatCompletionRequest,

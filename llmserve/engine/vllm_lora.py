@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,27 +60,99 @@ def _looks_local(path: str) -> bool:
 def check_adapters(config: EngineConfig) -> None:
     """EngineStartError for an adapter path that is meant to be local but is no adapter."""
     limit = config.lora.max_lora_rank or LORA_RANKS[-1]
+    setting = "engine.lora.max_lora_rank" if config.lora.max_lora_rank else "vLLM's limit"
     for name, path in config.lora.adapters.items():
-        if not _looks_local(path):
-            continue  # a hub id: vLLM finds it in the hub cache, or says it cannot
-        where = Path(path).expanduser()
-        if not (where / "adapter_config.json").is_file():
-            raise EngineStartError(
-                f"engine.lora.adapters.{name}: no LoRA adapter at {path} (a PEFT directory "
-                "with adapter_config.json and adapter_model.safetensors)"
-            )
-        rank = adapter_rank(where)
-        if rank is not None and rank > limit:
-            setting = "engine.lora.max_lora_rank" if config.lora.max_lora_rank else "vLLM's limit"
-            raise EngineStartError(
-                f"engine.lora.adapters.{name}: rank {rank} is above {setting} ({limit})"
-            )
+        problem = adapter_problem(path, limit, f"{setting} ({limit})")
+        if problem is not None:
+            raise EngineStartError(f"engine.lora.adapters.{name}: {problem}")
+
+
+def adapter_problem(
+    path: str, max_rank: int, rank_limit: str, shapes: Mapping[str, tuple[int, int]] | None = None
+) -> str | None:
+    """Why the local adapter at `path` cannot be served (None: nothing found wrong, or a hub id,
+    which vLLM looks up itself): no PEFT directory, an unreadable adapter_config.json, a rank
+    above `max_rank` (`rank_limit` says what that limit is), or weights whose shapes do not fit
+    the base model's modules (`shapes`: module_shapes), which vLLM does not check."""
+    if not _looks_local(path):
+        return None
+    where = Path(path).expanduser()
+    if not (where / "adapter_config.json").is_file():
+        return (f"no LoRA adapter at {path} (a PEFT directory with adapter_config.json and "
+                "adapter_model.safetensors)")  # fmt: skip
+    try:
+        meta = json.loads((where / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path}/adapter_config.json is not readable JSON: {exc}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("r"), int):
+        return f"{path}/adapter_config.json has no rank `r` (not a PEFT LoRA adapter config)"
+    rank = adapter_rank(where)
+    if rank is not None and rank > max_rank:
+        return f"rank {rank} is above {rank_limit}"
+    return _shape_problem(where, shapes) if shapes else None
+
+
+def module_shapes(hf_config: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of the attention and MLP projections of a Llama-style model (Llama,
+    Qwen2, Mistral...), from its Hugging Face config; other modules are not checked."""
+    hidden = int(hf_config.hidden_size)
+    heads = int(hf_config.num_attention_heads)
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hidden // heads)
+    shapes = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+    }
+    intermediate = getattr(hf_config, "intermediate_size", None)
+    if isinstance(intermediate, int):
+        shapes |= {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+                   "down_proj": (intermediate, hidden)}  # fmt: skip
+    return shapes
+
+
+def _shape_problem(directory: Path, shapes: Mapping[str, tuple[int, int]]) -> str | None:
+    for name, shape in safetensors_shapes(directory / "adapter_model.safetensors").items():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[-2] not in ("lora_A", "lora_B") or len(shape) != 2:
+            continue
+        module, kind = parts[-3], parts[-2]
+        expected = shapes.get(module)
+        if expected is None:
+            continue
+        got, want = (shape[1], expected[0]) if kind == "lora_A" else (shape[0], expected[1])
+        if got != want:
+            side = "in" if kind == "lora_A" else "out"
+            return (f"{name} has {got} {side} features where the base model's {module} has "
+                    f"{want}: an adapter of another base model")  # fmt: skip
+    return None
+
+
+_MAX_HEADER_BYTES = 64 * 1024 * 1024  # a safetensors header larger than this is not read
+
+
+def safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, read from a safetensors file's JSON header (no weights are read);
+    empty when the file is absent or not safetensors (vLLM then says what is wrong)."""
+    try:
+        with file.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= _MAX_HEADER_BYTES:
+                return {}
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(header, dict):
+        return {}
+    return {name: list(meta["shape"]) for name, meta in header.items()
+            if isinstance(meta, dict) and isinstance(meta.get("shape"), list)}  # fmt: skip
 
 
 def lora_engine_args(config: EngineConfig) -> dict[str, Any]:
-    """vLLM's LoRA settings (none without adapters)."""
+    """vLLM's LoRA settings (none without adapters, unless max_loras asks for slots)."""
     lora = config.lora
-    if not lora.adapters:
+    if not lora.enabled:
         return {}
     args: dict[str, Any] = {
         "enable_lora": True,
@@ -92,7 +165,7 @@ def lora_engine_args(config: EngineConfig) -> dict[str, Any]:
 
 
 def cpu_lora_args(config: EngineConfig) -> dict[str, Any]:
-    """On CPU, one LoRA slot more than there are adapters, left empty for good.
+    """On CPU, one LoRA slot more than the engine may hold adapters, left empty for good.
 
     vLLM's CPU LoRA kernels (vllm/lora/ops/torch_ops, vLLM 0.32) select each token's adapter
     weights by slot index, and a token of the base model has index -1: Python's indexing then
@@ -100,15 +173,28 @@ def cpu_lora_args(config: EngineConfig) -> dict[str, Any]:
     adapter in the last slot (measured: tests/engine/test_engine_lora.py). vLLM fills the first
     free slot, and frees one only when all are taken; with a slot more than adapters, the last
     is never filled, holds zeros, and a base-model token gets exactly the base model. (CUDA's
-    kernels skip index -1.)"""
+    kernels skip index -1.) The engine holds at most max(max_loras, adapters) adapters, then:
+    `adapter_capacity` refuses loads at run time beyond it."""
     lora = config.lora
-    if not lora.adapters:
+    if not lora.enabled:
         return {}
-    max_loras = max(lora.batch_loras, len(lora.adapters) + 1)
+    max_loras = max(lora.batch_loras, len(lora.adapters)) + 1
     args: dict[str, Any] = {"max_loras": max_loras}
     if lora.max_cpu_loras is not None:
         args["max_cpu_loras"] = max(lora.max_cpu_loras, max_loras)
     return args
+
+
+def adapter_capacity(engine_args: Mapping[str, Any], device: str) -> int | None:
+    """How many adapters an engine started with `engine_args` may hold at once: 0 with LoRA
+    off; on CPU one less than its slots (cpu_lora_args: the last stays empty); None on GPU,
+    where vLLM keeps max_cpu_loras of them in memory and reads the others from disk again when
+    a request asks for one."""
+    if not engine_args.get("enable_lora"):
+        return 0
+    if device == "cpu":
+        return int(engine_args["max_loras"]) - 1
+    return None
 
 
 def default_rank(config: EngineConfig) -> int:

@@ -34,10 +34,12 @@ from collections.abc import Callable
 from typing import Any
 
 from llmserve.config import EngineConfig
+from llmserve.engine.node_heartbeat import HeartbeatSender
 from llmserve.engine.reaper import Reaper
 from llmserve.engine.vllm_args import (
     BASE_ENV,
     EngineLaunch,
+    WorkerPlan,
     build_worker_launch,
     cpu_dtype,
     read_cpu_flags,
@@ -81,17 +83,36 @@ def run_worker(config: EngineConfig, head: tuple[str, int] | None = None) -> int
     log.info("llmserve worker runs: %s", command)
     args = _serve_namespace(launch.engine_args)
     watch = HeadWatch(head, on_lost=_stop_self) if head else None
+    heartbeat = HeartbeatSender(heartbeat_address(config), node_label(plan))
     reaper = Reaper.start()  # before vLLM's processes exist
     try:
         if watch is not None:
             watch.start()
+        heartbeat.start()
         code = _run_headless(args)
         return 1 if watch is not None and watch.lost else code
     finally:
+        heartbeat.stop()
         if watch is not None:
             watch.stop()
         if reaper is not None:
             reaper.stop()
+
+
+def heartbeat_address(config: EngineConfig) -> tuple[str, int]:
+    """Where the head listens for this node's heartbeats (node_heartbeat.py)."""
+    nodes = config.nodes
+    host = nodes.data_parallel_address or nodes.master_addr or "127.0.0.1"
+    return host, nodes.heartbeat_port
+
+
+def node_label(plan: WorkerPlan) -> str:
+    """How the head's log names this node."""
+    ranks = plan.ranks
+    shown = str(ranks.start) if len(ranks) == 1 else f"{ranks.start}-{ranks.stop - 1}"
+    if plan.nnodes > 1:
+        return f"node {plan.node_rank} (data-parallel rank {shown})"
+    return f"node of data-parallel rank {shown}"
 
 
 def _stop_self() -> None:

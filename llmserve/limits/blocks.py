@@ -44,7 +44,7 @@ class Block:
             last = self.last = limit_reached(self.charges, used, now)
             self.last_at = now
         error = RateLimited(last.message, headers=last.headers)  # a copy of them
-        error.limit = last.limit
+        error.limit, error.limit_model = last.limit, last.limit_model
         return error
 
 
@@ -59,13 +59,16 @@ class RequestBlocks:
         self, principal_id: str, plan: object, charges: Sequence[WindowCharge],
         used: Sequence[float], now: float,
     ) -> None:  # fmt: skip
-        """Remember a store refusal if the requests window was full."""
-        for charge, u in zip(charges, used, strict=True):
+        """Remember a store refusal if the tier's own requests window was full (a model's
+        window blocks nothing: the caller's requests for other models may still fit)."""
+        overall = [(c, u) for c, u in zip(charges, used, strict=True) if c.model is None]
+        for charge, u in overall:
             if charge.name == REQUESTS_WINDOW:
                 wait = retry_after(charge, u, now)
                 if wait:  # None (never fits) is refused before the store; 0 fits
-                    self._add(principal_id, Block(plan, now + wait, _requests_only(charges),
-                                                  tuple(used), now))  # fmt: skip
+                    block = Block(plan, now + wait, _requests_only([c for c, _ in overall]),
+                                  tuple(u for _, u in overall), now)  # fmt: skip
+                    self._add(principal_id, block)
                 return
 
     def check(self, principal_id: str, plan: object, now: float) -> None:

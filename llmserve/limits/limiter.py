@@ -8,6 +8,12 @@
 
 A request costs 1 in requests_per_minute and `prompt + weight * max_tokens` tokens in each
 token window; settling replaces that with `prompt + weight * completion` (rounded up).
+
+A tier's windows for one model (`models:`) are charged by the same hold as its own windows,
+when the request runs that model (`reserve(..., model=)`: the base model or an adapter; an
+alias is resolved to it before): one store call admits the request only if both fit, and one
+settlement, exactly once by the hold's id, settles both. The store keeps them apart from the
+overall windows by their key (WindowCharge.key), under the same principal.
 """
 
 from __future__ import annotations
@@ -144,21 +150,24 @@ class Limiter:
         overrides: Mapping[str, int],
         prompt_tokens: int,
         max_tokens: int,
+        model: str | None = None,
     ) -> Reservation:
-        """Hold the request's worst case in every window, or raise RateLimited (429) /
+        """Hold the request's worst case in every window (the tier's, and those of `model`, the
+        model it runs, if the tier limits it), or raise RateLimited (429) /
         ServiceUnavailable (503, limiter_unavailable)."""
         plan = self.plan(tier_name, overrides)
         cost = plan.token_cost(prompt_tokens, max_tokens)
-        if not plan.rules:
+        rules = plan.rules_for(model)
+        if not rules:
             return Reservation(principal_id, plan, None, cost)
         now = self.clock()
         charges = tuple(
-            charge_for(rule, 1 if rule.unit == "requests" else cost, now) for rule in plan.rules
+            charge_for(rule, 1 if rule.unit == "requests" else cost, now) for rule in rules
         )
         for charge in charges:
             if not can_ever_fit(charge):
                 raise never_fits(charge)
-        hold = self.holds.new(charges, plan.rules, now)
+        hold = self.holds.new(charges, rules, now)
         outcome = await self._store_reserve(principal_id, hold)
         if outcome is None:
             return Reservation(principal_id, plan, hold, cost, checked=False)
@@ -251,12 +260,14 @@ class Limiter:
     async def usage(
         self, principal_id: str, tier_name: str | None, overrides: Mapping[str, int]
     ) -> list[WindowStatus]:
-        """Each window's usage, remaining and reset for one principal, charging nothing."""
+        """Each window's usage, remaining and reset for one principal, charging nothing: the
+        tier's own windows, then each model's."""
         plan = self.plan(tier_name, overrides)
-        if not plan.rules:
+        rules = plan.all_rules
+        if not rules:
             return []
         now = self.clock()
-        charges = [charge_for(rule, 0, now) for rule in plan.rules]
+        charges = [charge_for(rule, 0, now) for rule in rules]
         try:
             used = await self.store.peek(principal_id, charges, now)
         except StoreUnavailable as exc:

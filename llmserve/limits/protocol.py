@@ -34,8 +34,10 @@ class RateLimiter(Protocol):
         overrides: Mapping[str, int],
         prompt_tokens: int,
         max_tokens: int,
+        model: str | None = None,
     ) -> Reservation:
-        """Hold the worst case in every window, or raise RateLimited / ServiceUnavailable."""
+        """Hold the worst case in every window (the tier's, and `model`'s own if the tier has
+        windows for the model the request runs), or raise RateLimited / ServiceUnavailable."""
 
     def settlement(
         self, reservation: Reservation, prompt_tokens: int, completion_tokens: int

@@ -35,6 +35,7 @@ def usage_record(window: WindowStatus) -> dict[str, Any]:
     """One window as plain data (the `--json` output)."""
     return {
         "window": window.name,
+        "model": window.model,  # None: the tier's own window, else that model's
         "label": RULE_SHAPES[window.name][0],
         "limit": window.limit,
         "used": window.used,

@@ -38,6 +38,7 @@ class WindowRule:
     kind: WindowKind
     limit: int
     period: float  # seconds; buckets only (fixed windows follow the calendar)
+    model: str | None = None  # a tier's window for one model's requests (None: all of them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,14 @@ class WindowCharge:
     window_id: int  # fixed: UTC day number or month number; buckets: 0
     window_end: float  # fixed: epoch seconds the window ends; buckets: 0
     cost: int  # units this request takes (or, in a settlement, the change: may be negative)
+    model: str | None = None  # a window of one model's requests (None: of all of them)
+
+    @property
+    def key(self) -> str:
+        """The window's name in a store: a model's windows are kept apart from the overall
+        ones ("tokens_per_minute@smollm2-lora-a"), under the same principal, so one hold
+        charges both atomically."""
+        return self.name if self.model is None else f"{self.name}@{self.model}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,7 @@ class WindowStatus:
     used: int
     remaining: int
     reset_seconds: float  # until the window is back to its initial (empty) state
+    model: str | None = None  # a window of one model's requests (None: of all of them)
 
 
 RULE_SHAPES: dict[str, tuple[str, Literal["requests", "tokens"], WindowKind, float]] = {
@@ -72,9 +82,9 @@ RULE_SHAPES: dict[str, tuple[str, Literal["requests", "tokens"], WindowKind, flo
 }
 
 
-def make_rule(name: str, limit: int) -> WindowRule:
+def make_rule(name: str, limit: int, model: str | None = None) -> WindowRule:
     label, unit, kind, period = RULE_SHAPES[name]
-    return WindowRule(name, label, unit, kind, limit, period)
+    return WindowRule(name, label, unit, kind, limit, period, model)
 
 
 def day_window(now: float) -> tuple[int, float]:
@@ -93,9 +103,10 @@ def month_window(now: float) -> tuple[int, float]:
 
 def charge_for(rule: WindowRule, cost: int, now: float) -> WindowCharge:
     if rule.kind == "bucket":
-        return WindowCharge(rule.name, "bucket", rule.limit, rule.limit / rule.period, 0, 0.0, cost)
+        rate = rule.limit / rule.period
+        return WindowCharge(rule.name, "bucket", rule.limit, rate, 0, 0.0, cost, rule.model)
     window_id, end = day_window(now) if rule.name == "tokens_per_day" else month_window(now)
-    return WindowCharge(rule.name, "fixed", rule.limit, 0.0, window_id, end, cost)
+    return WindowCharge(rule.name, "fixed", rule.limit, 0.0, window_id, end, cost, rule.model)
 
 
 def refill(used: float, last: float, now: float, rate: float) -> float:
@@ -132,7 +143,8 @@ def status(charge: WindowCharge, used: float, now: float) -> WindowStatus:
         reset = used / charge.rate
     else:
         reset = max(0.0, charge.window_end - now)
-    return WindowStatus(charge.name, charge.limit, math.ceil(used - EPSILON), remaining, reset)
+    used_units = math.ceil(used - EPSILON)
+    return WindowStatus(charge.name, charge.limit, used_units, remaining, reset, charge.model)
 
 
 def bucket_drain_seconds(used: float, rate: float) -> float:

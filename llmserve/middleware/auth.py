@@ -13,7 +13,10 @@ from llmserve.auth.principal import ANONYMOUS, Principal
 from llmserve.config import ServerConfig
 from llmserve.request_state import PRINCIPAL
 
-ADMIN_PATHS = frozenset({"/metrics", "/ready", "/admin/reload"})
+ADMIN_PATHS = frozenset({
+    "/metrics", "/ready", "/admin/reload", "/admin/models/load", "/admin/models/unload",
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+})  # fmt: skip
 
 
 def public_paths(server: ServerConfig) -> frozenset[str]:

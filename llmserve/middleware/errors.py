@@ -68,6 +68,7 @@ def _note(request: web.Request, exc: APIError) -> None:
     if record is not None:
         record.error_code = exc.code
         record.rejected_by = getattr(exc, "limit", None)
+        record.rejected_model = getattr(exc, "limit_model", None)
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> APIError:

@@ -82,7 +82,7 @@ def build_admin_app(main: web.Application) -> web.Application:
     app.router.add_get("/health", info.health)
     app.router.add_get("/ready", info.ready)
     app.router.add_get("/metrics", info.metrics)
-    app.router.add_post("/admin/reload", admin.reload)
+    add_admin_routes(app)
     return app
 
 
@@ -102,7 +102,16 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", info.health)
     app.router.add_get("/ready", info.ready)
     app.router.add_get("/metrics", info.metrics)
+    add_admin_routes(app)
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """The operator's routes (middleware/auth.py ADMIN_PATHS: an admin on the public port)."""
     app.router.add_post("/admin/reload", admin.reload)
+    app.router.add_post("/admin/models/load", admin.load_model)
+    app.router.add_post("/admin/models/unload", admin.unload_model)
+    app.router.add_post("/v1/load_lora_adapter", admin.load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", admin.unload_lora_adapter)
 
 
 @web.middleware

@@ -17,11 +17,12 @@ from llmserve.admission import AdmissionQueue
 from llmserve.app_state import AUTHENTICATOR, GATEWAY
 from llmserve.auth.authenticator import Authenticator
 from llmserve.auth.redact import install_redaction
-from llmserve.auth.store import key_store_from_url
+from llmserve.auth.store import KeyStoreBackend, key_store_from_url
 from llmserve.config import Config
 from llmserve.engine.base import Engine
 from llmserve.engine.factory import create_engine
 from llmserve.limits import Limiter, store_from_url
+from llmserve.limits.stores.persistence import ChecksPersistence
 from llmserve.metrics import Metrics
 from llmserve.middleware.auth import auth_middleware
 from llmserve.server.app import build_admin_app, build_app
@@ -67,17 +68,19 @@ def _starting(authenticator: Authenticator) -> CleanupContext:
     return start
 
 
-def _warn_without_persistence(store: object) -> CleanupContext:
-    """Once the server runs: warn when the limiter's Redis keeps no copy of its data."""
+def _warn_without_persistence(*stores: object) -> CleanupContext:
+    """Once the server runs: warn when a Redis store (the limiter's, the key store) keeps no
+    copy of its data. Checked in the background: a slow Redis delays nothing."""
 
     async def check(app: web.Application) -> AsyncIterator[None]:
-        probe = getattr(store, "persistence_warning", None)
-        task = asyncio.create_task(_log_warning(probe)) if probe is not None else None
+        tasks = [asyncio.create_task(_log_warning(store.persistence_warning))
+                 for store in stores if isinstance(store, ChecksPersistence)]  # fmt: skip
         yield
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     return check
 
@@ -91,7 +94,7 @@ async def _log_warning(probe: Callable[[], Awaitable[str | None]]) -> None:
 def build_components(config: Config, *, registry: CollectorRegistry | None = None) -> Components:
     install_redaction()
     closers: list[Callable[[], Any]] = []
-    middleware, authenticator = _auth(config, closers)
+    middleware, authenticator, key_store = _auth(config, closers)
     limiter = Limiter(config.limits, store_from_url(config.limits.store, config.limits.state_dir))
     closers.append(limiter.close)
     ledger = open_ledger(config.usage)
@@ -111,17 +114,19 @@ def build_components(config: Config, *, registry: CollectorRegistry | None = Non
     admin = build_admin_app(app) if config.server.admin_port is not None else None
     app.cleanup_ctx.insert(0, _closing(closers))  # first in: cleaned up last, after the engine
     app.cleanup_ctx.insert(1, _starting(authenticator))  # its JWKS fetch begins with the engine's
-    app.cleanup_ctx.append(_warn_without_persistence(limiter.store))
+    app.cleanup_ctx.append(_warn_without_persistence(limiter.store, key_store))
     return Components(app=app, admin_app=admin)
 
 
-def _auth(config: Config, closers: list[Callable[[], Any]]) -> tuple[Any, Authenticator]:
+def _auth(
+    config: Config, closers: list[Callable[[], Any]]
+) -> tuple[Any, Authenticator, KeyStoreBackend | None]:
     store = key_store_from_url(config.auth.keys) if config.auth.enabled else None
     authenticator = Authenticator(config.auth, store, known_tiers=config.limits.tiers)
     if store is not None:
         closers.append(store.close)
     closers.append(authenticator.close)
-    return auth_middleware(authenticator, config.server), authenticator
+    return auth_middleware(authenticator, config.server), authenticator, store
 
 
 def _bind_metrics(metrics: Metrics, app: web.Application, engine: Engine,

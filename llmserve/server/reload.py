@@ -1,18 +1,20 @@
 """Change a running server's settings without restarting its engine.
 
     reloader = Reloader(app, config, source=Path("llmserve.yaml"), overrides={"port": 8080})
-    result = await reloader.reload()      # SIGHUP, POST /admin/reload, `llmserve reload`
+    result = await reloader.reload()  # SIGHUP, POST /admin/reload, server.watch_config
 
 The file is read again and compared with the running config, setting by setting:
 
 - nothing changed: `unchanged`;
 - the file does not parse or validate: `invalid`, and nothing changes;
 - a setting that needs a new engine or a new listener changed (config.RESTART_ONLY: anything under
-  `engine:`, the listen addresses, the stores behind limits, keys and usage): `refused`, the
-  message names the settings, and nothing changes;
+  `engine:` but its LoRA adapters and aliases, the listen addresses, the stores behind limits,
+  keys and usage): `refused`, the message names the settings, and nothing changes;
 - otherwise `applied`: tiers and their limits, `default_tier`, queue settings, auth settings
   (JWTs, cache times), CORS, logging, heartbeats and the per-request bounds take effect for the
-  requests that start from now on. A request in flight keeps what it started with: its tier
+  requests that start from now on; adapters added to `engine.lora.adapters` are loaded, those
+  removed unloaded, and `engine.aliases` applied (engine/served.py; an adapter that cannot be
+  loaded makes the reload `refused`). A request in flight keeps what it started with: its tier
   plan, its reservation and its place in the queue.
 
 Command-line overrides of `llmserve up` (`--host`, `--port`) are applied to each new reading,
@@ -55,8 +57,9 @@ class ReloadResult:
 
 def changed_settings(old: Config, new: Config) -> list[str]:
     """Dotted names of the settings whose values differ (a tier added or removed counts as
-    `limits.tiers.<name>`)."""
-    return sorted(_diff(old.model_dump(mode="json"), new.model_dump(mode="json"), ""))
+    `limits.tiers.<name>`). Python values, not JSON: JSON masks every secret as `**********`,
+    so that a new JWT secret would read as no change."""
+    return sorted(_diff(old.model_dump(), new.model_dump(), ""))
 
 
 def _diff(old: Any, new: Any, prefix: str) -> list[str]:
@@ -132,7 +135,12 @@ class Reloader:
 
     async def _apply(self, new: Config) -> None:
         """Hand the new settings to every component; checks first, so that a refusal leaves
-        everything as it was."""
+        everything as it was. The file's new adapters are loaded first and served last
+        (engine/served.py): a reload that fails anywhere leaves the models as they were."""
+        async with self.app[GATEWAY].models.reloading(self.config.engine, new.engine):
+            await self._reconfigure(new)
+
+    async def _reconfigure(self, new: Config) -> None:
         gateway = self.app[GATEWAY]
         authenticator = self.app.get(AUTHENTICATOR)
         if authenticator is not None:

@@ -24,6 +24,7 @@ from llmserve.server.components import Components, build_components
 from llmserve.server.heap import collect_every, freeze_heap, tune_collector
 from llmserve.server.http import AppRunner
 from llmserve.server.reload import Reloader
+from llmserve.server.watch import watching
 
 log = logging.getLogger("llmserve.server")
 
@@ -35,7 +36,8 @@ async def serve(
     config: Config, source: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> int:
     """Run until a signal or an engine failure. `source`: the config file, read again on
-    SIGHUP or POST /admin/reload (server/reload.py); `overrides`: server settings given on the
+    SIGHUP or POST /admin/reload (server/reload.py), and when it changes if
+    `server.watch_config` (server/watch.py); `overrides`: server settings given on the
     command line, kept across reloads."""
     components = build_components(config)
     reloader = Reloader(components.app, config, source, dict(overrides or {}))
@@ -47,6 +49,8 @@ async def serve(
         metrics.config_loaded(reloader.sha256)
     if config.server.gc_collect_seconds > 0:
         components.app.cleanup_ctx.append(_collecting(config.server.gc_collect_seconds))
+    if config.server.watch_config and source is not None:
+        components.app.cleanup_ctx.append(watching(reloader, source))
     runner = AppRunner(
         components.app,
         header_read_timeout=config.server.header_read_timeout_seconds,

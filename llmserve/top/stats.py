@@ -65,6 +65,14 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelUsage:
+    name: str  # a served model (an alias counted as its model), or "other"
+    tokens_per_second: float
+    requests_per_second: float
+    tokens: float  # since the server started
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything the dashboard needs from (previous, current) scrapes."""
 
@@ -86,10 +94,13 @@ class Snapshot:
     prompt_tokens_per_second: float
     completion_tokens_per_second: float
     latencies: dict[str, tuple[float | None, ...]]  # title -> one value per QUANTILES
-    rejected_by_limit: dict[str, tuple[float, float]]  # limit -> (in the interval, total)
+    # limit ("tokens_per_minute", or a model's own: "tokens_per_minute (smollm2-lora-a)") ->
+    # (in the interval, total)
+    rejected_by_limit: dict[str, tuple[float, float]]
     unavailable: tuple[float, float]  # 503s
     server_errors: tuple[float, float]  # other 5xx
     principals: list[Principal] = field(default_factory=list)
+    models: list[ModelUsage] = field(default_factory=list)  # most tokens/s first
     # data parallel: each engine's KV cache use, by rank (empty with one engine)
     rank_kv_cache_usage: list[tuple[str, float]] = field(default_factory=list)
 
@@ -129,6 +140,7 @@ def summarize(previous: Scrape, current: Scrape, top_principals: int = 8) -> Sna
         unavailable=_status_counts(previous, current, lambda s: s == "503"),
         server_errors=_status_counts(previous, current, lambda s: s.startswith("5") and s != "503"),
         principals=_principals(previous, current, seconds)[:top_principals],
+        models=_models(previous, current, seconds),
         rank_kv_cache_usage=_ranks(current),
     )
 
@@ -158,9 +170,18 @@ def _by_label(scrape: Scrape, name: str, label: str) -> dict[str, float]:
 
 
 def _rejections(previous: Scrape, current: Scrape) -> dict[str, tuple[float, float]]:
-    name = "llmserve_rate_limit_rejections_total"
-    before, now = _by_label(previous, name, "limit"), _by_label(current, name, "limit")
+    before, now = _by_limit(previous), _by_limit(current)
     return {k: (counter_delta(before.get(k, 0.0), v), v) for k, v in sorted(now.items())}
+
+
+def _by_limit(scrape: Scrape) -> dict[str, float]:
+    """429s by window, a model's own windows apart: "tokens_per_minute (smollm2-lora-a)"."""
+    out: dict[str, float] = {}
+    for labels, value in scrape.series("llmserve_rate_limit_rejections_total"):
+        limit, model = labels.get("limit", ""), labels.get("model", "")
+        key = f"{limit} ({model})" if model else limit
+        out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def _status_counts(
@@ -187,6 +208,23 @@ def _principals(previous: Scrape, current: Scrape, seconds: float) -> list[Princ
         for name, requests in requests_now.items()
     ]
     rows = [r for r in rows if r.tokens_per_second > 0 or r.requests_per_second > 0]
+    return sorted(rows, key=lambda r: (-r.tokens_per_second, -r.requests_per_second, r.name))
+
+
+def _models(previous: Scrape, current: Scrape, seconds: float) -> list[ModelUsage]:
+    tokens_before = _by_label(previous, "llmserve_model_tokens_total", "model")
+    tokens_now = _by_label(current, "llmserve_model_tokens_total", "model")
+    requests_before = _by_label(previous, "llmserve_model_requests_total", "model")
+    requests_now = _by_label(current, "llmserve_model_requests_total", "model")
+    rows = [
+        ModelUsage(
+            name,
+            counter_delta(tokens_before.get(name, 0.0), tokens_now.get(name, 0.0)) / seconds,
+            counter_delta(requests_before.get(name, 0.0), requests) / seconds,
+            tokens_now.get(name, 0.0),
+        )
+        for name, requests in requests_now.items()
+    ]
     return sorted(rows, key=lambda r: (-r.tokens_per_second, -r.requests_per_second, r.name))
 
 

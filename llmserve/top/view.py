@@ -19,6 +19,7 @@ QUEUE_WARN, QUEUE_CRITICAL = 0.50, 0.90  # queue depth against its limit
 BAR_WIDTH = 12
 SPARK_WIDTH = 16
 MAX_PRINCIPAL_ROWS = 5
+MAX_MODEL_ROWS = 5
 SPARKS = "▁▂▃▄▅▆▇█"
 KEYS_HELP = "q quit · space pause · +/- interval"
 
@@ -60,7 +61,7 @@ def render_dashboard(state: ViewState) -> RenderableType:
     if snap is not None:
         parts.append(_side_by_side(_gauges(snap), _sparklines(state.history, snap)))
         parts.append(_side_by_side(_latency_table(snap), _admission_table(snap), (4, 3)))
-        parts.append(_principals_table(snap))
+        parts.append(_side_by_side(_principals_table(snap), _models_table(snap)))
     elif state.error is None:
         parts.append(Text("waiting for a second scrape to compute rates...", style="dim"))
     return Group(*parts)
@@ -179,6 +180,22 @@ def _principals_table(snap: Snapshot) -> Table:
         table.add_row(p.name, format_rate(p.tokens_per_second), format_rate(p.requests_per_second))
     if not snap.principals:
         table.add_row(Text("no traffic", "dim"), "", "")
+    return table
+
+
+def _models_table(snap: Snapshot) -> Table:
+    """Usage by served model (an alias counts as its model), busiest first; models idle since
+    the last scrape stay listed with their total."""
+    table = _table("models")
+    table.add_column("model")
+    table.add_column("tok/s", justify="right")
+    table.add_column("req/s", justify="right")
+    table.add_column("tokens", justify="right")
+    for m in snap.models[:MAX_MODEL_ROWS]:
+        table.add_row(m.name, format_rate(m.tokens_per_second),
+                      format_rate(m.requests_per_second), _count(m.tokens))  # fmt: skip
+    if not snap.models:
+        table.add_row(Text("no requests yet", "dim"), "", "", "")
     return table
 
 

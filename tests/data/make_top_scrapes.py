@@ -35,6 +35,7 @@ def first_window(m: Metrics) -> None:
             record(
                 i,
                 principal_id="alice",
+                root_model="smollm2",
                 prompt_tokens=20,
                 completion_tokens=30,
                 ttft_seconds=2.0,
@@ -49,6 +50,7 @@ def first_window(m: Metrics) -> None:
             record(
                 1000 + i,
                 principal_id="bob",
+                root_model="smollm2-lora-a",
                 prompt_tokens=10,
                 completion_tokens=30,
                 ttft_seconds=2.0,
@@ -76,6 +78,7 @@ def second_window(m: Metrics) -> None:
             record(
                 3000 + i,
                 principal_id="alice",
+                root_model="smollm2",
                 prompt_tokens=20,
                 completion_tokens=100,
                 ttft_seconds=0.04,
@@ -90,6 +93,7 @@ def second_window(m: Metrics) -> None:
             record(
                 3100 + i,
                 principal_id="bob",
+                root_model="smollm2-lora-a",
                 prompt_tokens=16,
                 completion_tokens=60,
                 ttft_seconds=0.4,
@@ -104,6 +108,7 @@ def second_window(m: Metrics) -> None:
                 3200 + i,
                 route="completions",
                 principal_id="dave",
+                root_model="smollm2",
                 prompt_tokens=1,
                 completion_tokens=10,
                 ttft_seconds=0.4,

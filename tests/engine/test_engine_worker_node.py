@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,7 +126,7 @@ engine:
   cpu_kv_cache_bytes: 128MiB
   data_parallel_size: 2
   nodes: {{nnodes: 2, master_addr: 127.0.0.1, master_port: {free_port()},
-           data_parallel_rpc_port: {free_port()}}}
+           data_parallel_rpc_port: {free_port()}, heartbeat_port: {free_port()}}}
 auth: {{enabled: false}}
 usage: {{ledger: null}}
 """)
@@ -191,18 +193,57 @@ def test_a_head_and_a_worker_node_serve_requests_on_both_ranks_and_stop_cleanly(
         assert served.get("0", 0) >= 1 and served.get("1", 0) >= 1, served  # both ranks ran
         assert sum(served.values()) == 6
 
-        # SIGTERM stops the worker node: exit 0, none of its processes left
-        os.kill(worker.pid, signal.SIGTERM)
-        assert worker.wait(30) == 0, _logs(tmp_path)
-        assert _wait_gone(worker.pid) == [], _logs(tmp_path)
-        assert "llmserve worker: stopped" in (tmp_path / "worker.log").read_text()
-
-        os.kill(head.pid, signal.SIGTERM)
-        head.wait(30)
+        # A request in flight on each rank while the worker node stops
+        started = threading.Semaphore(0)
+        with ThreadPoolExecutor(2) as pool:
+            long = [pool.submit(_stream_outcome, f"http://127.0.0.1:{port}", i, started)
+                    for i in range(2)]  # fmt: skip
+            for _ in long:
+                assert started.acquire(timeout=30), "no first token"
+            # SIGTERM stops the worker node: exit 0, none of its processes left
+            os.kill(worker.pid, signal.SIGTERM)
+            assert worker.wait(30) == 0, _logs(tmp_path)
+            assert _wait_gone(worker.pid) == [], _logs(tmp_path)
+            assert "llmserve worker: stopped" in (tmp_path / "worker.log").read_text()
+            # the head notices (the worker's heartbeat connection closed): what the dead rank
+            # ran ends with an error instead of hanging, and the head exits 1 for a restart
+            outcomes = [f.result(timeout=30) for f in long]
+        assert head.wait(30) == 1, _logs(tmp_path)
+        head_log = (tmp_path / "head.log").read_text()
+        assert "worker heartbeats: node 1 (data-parallel rank 1) joined" in head_log
+        assert "node 1 (data-parallel rank 1) closed its connection" in head_log
+        assert any(o != "complete" for o in outcomes), outcomes  # rank 1's request failed
+        assert all(o in ("complete", "engine_unavailable") for o in outcomes), outcomes
         assert _wait_gone(head.pid) == [], _logs(tmp_path)
     finally:
         kill_group(worker)
         kill_group(head)
+
+
+def _stream_outcome(base_url: str, i: int, started: threading.Semaphore) -> str:
+    """Stream a long completion: `complete`, `cut` (ended without a finish), or the error code
+    of its error event or status."""
+    body = json.dumps({"model": "tiny", "prompt": f"Long story {i}", "max_tokens": 480,
+                       "ignore_eos": True, "stream": True}).encode()  # fmt: skip
+    request = urllib.request.Request(base_url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            first = True
+            for line in response:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return str(event["error"]["code"])
+                if first:
+                    started.release()
+                    first = False
+                if event["choices"] and event["choices"][0].get("finish_reason"):
+                    return "complete"
+    except urllib.error.HTTPError as exc:
+        return str(json.loads(exc.read())["error"]["code"])
+    return "cut"
 
 
 def test_a_worker_whose_head_goes_away_stops_its_engine_and_exits_1(
@@ -231,3 +272,22 @@ def test_a_worker_whose_head_goes_away_stops_its_engine_and_exits_1(
     finally:
         api.close()
         kill_group(worker)
+
+
+def test_a_head_stopped_while_it_waits_for_its_workers_exits_at_once(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM's start-up waits up to 600 s for the engines of the other nodes; a SIGTERM then ends
+    the head within seconds, leaving none of its processes."""
+    config = _write_config(tmp_path, tiny_model_dir, free_port(), free_port())
+    log = tmp_path / "head.log"
+    head = _start([*LLMSERVE, "up", "-c", str(config)], log, tmp_path)
+    try:
+        _wait_for("Waiting for READY message from DP Coordinator", log, head, START_TIMEOUT_SECONDS)
+        stopped = time.monotonic()
+        os.kill(head.pid, signal.SIGTERM)
+        assert head.wait(30) == 0, _logs(tmp_path)
+        assert time.monotonic() - stopped < 15, _logs(tmp_path)
+        assert _wait_gone(head.pid) == [], _logs(tmp_path)
+    finally:
+        kill_group(head)

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -20,7 +21,7 @@ import yaml
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -83,7 +84,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = N
 @contextlib.contextmanager
 def llmserve_up(
     tmp_path: Path,
-    config: dict,
+    config: dict[str, Any],
     *,
     ready_path: str = "/health",
     timeout: float = 30,

@@ -51,7 +51,7 @@ def find_server_binary() -> str | None:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def command(port: int, *args: Any, timeout: float = 5.0) -> Any:
@@ -93,6 +93,15 @@ class ServerTls:
     key: Path
     ca: Path  # the CA that client certificates must chain to
     auth_clients: str = "yes"  # yes: a client certificate is required; optional; no
+
+
+def tls_args(tls: ServerTls, tls_port: int) -> list[str]:
+    """redis-server options for TLS on `tls_port` besides the plain port, and TLS to the
+    servers it connects to itself (a replica to its master, a sentinel to what it watches,
+    a cluster node to the others), with its certificate as the client's."""
+    return ["--tls-port", str(tls_port), "--tls-replication", "yes",
+            "--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+            "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", tls.auth_clients]  # fmt: skip
 
 
 class RedisServer:
@@ -237,17 +246,31 @@ class SentinelGroup:
         group.url                         # redis+sentinel://127.0.0.1:P1,...:P3/llmserve-master
         group.master_port()               # what the sentinels name now
         group.kill_master()               # SIGKILL it: the sentinels promote the replica
+        SentinelGroup.start_new(tmp_path, binary, tls=ServerTls(cert, key, ca))
+
+    With `tls`, every server and sentinel also listens with TLS (`tls_ports`), and they speak
+    only TLS among themselves (replication, monitoring, the sentinels' hellos): the sentinels
+    name the TLS ports, and `url` is rediss+sentinel:// to theirs (without the ssl_* options).
+    The plain ports stay, for set-up and assertions (`command`).
     """
 
-    def __init__(self, workdir: Path, binary: str) -> None:
+    def __init__(self, workdir: Path, binary: str, tls: ServerTls | None = None) -> None:
         self.workdir = workdir
         self.binary = binary
+        self.tls = tls
         self.servers: list[RedisServer] = []  # the two data servers, master first
         self.sentinels: list[RedisServer] = []
+        self.tls_ports: dict[int, int] = {}  # plain port -> TLS port (with tls)
 
     @classmethod
-    def start_new(cls, workdir: Path, binary: str, extra_args: Sequence[str] = ()) -> SentinelGroup:
-        group = cls(workdir, binary)
+    def start_new(
+        cls,
+        workdir: Path,
+        binary: str,
+        extra_args: Sequence[str] = (),
+        tls: ServerTls | None = None,
+    ) -> SentinelGroup:
+        group = cls(workdir, binary, tls)
         try:
             group._start(list(extra_args))
         except BaseException:
@@ -255,32 +278,49 @@ class SentinelGroup:
             raise
         return group
 
+    def _announced(self, port: int) -> int:
+        """The port the others know a server by: its TLS port, with TLS."""
+        return self.tls_ports.get(port, port)
+
+    def _data_server(self, name: str, extra_args: list[str]) -> RedisServer:
+        if self.tls is not None:
+            tls_port = free_port()
+            extra_args = [*extra_args, *tls_args(self.tls, tls_port)]
+        server = RedisServer.start_new(self.workdir / name, self.binary, extra_args)
+        if self.tls is not None:
+            self.tls_ports[server.port] = tls_port
+        return server
+
     def _start(self, extra_args: list[str]) -> None:
         # no 5 s wait before a full sync (the replica's first, and any after a failover)
         extra_args = [*extra_args, "--repl-diskless-sync-delay", "0"]
-        master = RedisServer.start_new(self.workdir / "master", self.binary, extra_args)
+        master = self._data_server("master", extra_args)
         self.servers.append(master)
-        replica_args = [*extra_args, "--replicaof", "127.0.0.1", str(master.port)]
-        self.servers.append(
-            RedisServer.start_new(self.workdir / "replica", self.binary, replica_args)
-        )
+        master_port = self._announced(master.port)
+        replica_args = [*extra_args, "--replicaof", "127.0.0.1", str(master_port)]
+        self.servers.append(self._data_server("replica", replica_args))
         # Each sentinel is told the others and the replica up front (they would find them
         # through the master within a few seconds otherwise).
         ports = [free_port() for _ in range(3)]
+        if self.tls is not None:
+            self.tls_ports.update((port, free_port()) for port in ports)
         ids = [f"{i + 1:040x}" for i in range(3)]
-        replica = self.servers[1].port
+        replica = self._announced(self.servers[1].port)
         for i, port in enumerate(ports):
             workdir = self.workdir / f"sentinel{i}"
             workdir.mkdir(parents=True)
-            lines = [
+            lines: list[str] = []
+            if self.tls is not None:  # the same TLS options, as sentinel.conf lines
+                lines += _config_lines(tls_args(self.tls, self.tls_ports[port]))
+            lines += [
                 f"sentinel myid {ids[i]}",
-                f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 2",
+                f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 2",
                 f"sentinel down-after-milliseconds {SERVICE} 500",
                 f"sentinel failover-timeout {SERVICE} 5000",
                 f"sentinel parallel-syncs {SERVICE} 1",
                 f"sentinel known-replica {SERVICE} 127.0.0.1 {replica}",
             ]
-            lines += [f"sentinel known-sentinel {SERVICE} 127.0.0.1 {p} {ids[j]}"
+            lines += [f"sentinel known-sentinel {SERVICE} 127.0.0.1 {self._announced(p)} {ids[j]}"
                       for j, p in enumerate(ports) if j != i]  # fmt: skip
             conf = workdir / "sentinel.conf"
             conf.write_text("\n".join(lines) + "\n")
@@ -299,15 +339,18 @@ class SentinelGroup:
 
     @property
     def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}"
+        hosts = ",".join(f"127.0.0.1:{self._announced(s.port)}" for s in self.sentinels)
+        scheme = "redis+sentinel" if self.tls is None else "rediss+sentinel"
+        return f"{scheme}://{hosts}/{SERVICE}"
 
     def master_port(self) -> int:
+        """The master's port as the sentinels name it (its TLS port, with TLS)."""
         reply = ok(self.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
         return int(reply[1])
 
     def server(self, port: int) -> RedisServer:
-        return next(s for s in self.servers if s.port == port)
+        """The data server on `port`, plain or TLS."""
+        return next(s for s in self.servers if port in (s.port, self.tls_ports.get(s.port)))
 
     def kill_master(self) -> RedisServer:
         master = self.server(self.master_port())
@@ -317,6 +360,16 @@ class SentinelGroup:
     def stop(self) -> None:
         for server in [*self.sentinels, *self.servers]:
             server.stop()
+
+
+def _replica_count(nodes: bytes) -> int:
+    """How many replicas a CLUSTER NODES reply lists (flags `slave`, `myself,slave`)."""
+    return sum(b"slave" in line.split()[2].split(b",") for line in nodes.splitlines() if line)
+
+
+def _config_lines(args: list[str]) -> list[str]:
+    """`--name value` command-line options as config file lines (`name value`)."""
+    return [f"{name[2:]} {value}" for name, value in zip(args[::2], args[1::2], strict=True)]
 
 
 def _field(reply: Any, name: str) -> int | None:
@@ -332,18 +385,23 @@ def _field(reply: Any, name: str) -> int | None:
 
 
 class ClusterNodes:
-    """A Redis Cluster of three masters (no replicas) on loopback, each owning a third of
-    the slots, made the way `redis-cli --cluster create` does it (ADDSLOTS, epochs, MEET).
+    """A Redis Cluster of three masters on loopback, each owning a third of the slots, made
+    the way `redis-cli --cluster create` does it (ADDSLOTS, epochs, MEET); with `replicas`,
+    that many more nodes, replicas of the first masters in turn (CLUSTER REPLICATE).
 
         nodes.url                                # redis+cluster://127.0.0.1:P1,127.0.0.1:P2
         nodes.owner(slot)                        # the port of the node that serves it
         nodes.migrate_slot(slot, to_port)        # move a slot and its keys (MIGRATE)
+        ClusterNodes.start_new(tmp_path, binary, replicas=1, node_timeout_ms=1000)
+        nodes.replicas[0].port, nodes.replica_of  # a replica of nodes.ports[0]
     """
 
     def __init__(self, workdir: Path, binary: str) -> None:
         self.workdir = workdir
         self.binary = binary
-        self.servers: list[RedisServer] = []
+        self.servers: list[RedisServer] = []  # the masters the cluster was made with
+        self.replicas: list[RedisServer] = []
+        self.replica_of: dict[int, int] = {}  # replica's port -> its master's port
         self.ids: dict[int, str] = {}  # port -> node id
         self.bus_ports: dict[int, int] = {}  # port -> cluster bus port
         self.tls: ServerTls | None = None  # TLS too (tls-cluster yes): on tls_ports
@@ -357,53 +415,75 @@ class ClusterNodes:
         extra_args: Sequence[str] = (),
         size: int = 3,
         tls: ServerTls | None = None,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
     ) -> ClusterNodes:
         nodes = cls(workdir, binary)
         nodes.tls = tls
         try:
-            nodes._start(list(extra_args), size)
+            args = ["--cluster-node-timeout", str(node_timeout_ms), *extra_args]
+            nodes._start(args, size, replicas)
         except BaseException:
             nodes.stop()
             raise
         return nodes
 
-    def _start(self, extra_args: list[str], size: int) -> None:
-        cluster_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
-        for i in range(size):
-            workdir = self.workdir / f"node{i}"
-            args = [*cluster_args, "--cluster-config-file", str(workdir / "nodes.conf")]
-            bus_port = free_port()  # not port + 10000: that one may be taken, or over 65535
-            args += ["--cluster-port", str(bus_port)]
-            if self.tls is not None:  # TLS for clients and the bus; plain kept for set-up
-                tls_port = free_port()
-                args += ["--tls-port", str(tls_port), "--tls-cluster", "yes"]
-                args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
-                args += ["--tls-ca-cert-file", str(self.tls.ca)]
-                args += ["--tls-auth-clients", self.tls.auth_clients]
-            server = RedisServer(self.binary, free_port(), workdir, [*args, *extra_args])
-            server.start()
-            self.bus_ports[server.port] = bus_port
-            if self.tls is not None:
-                self.tls_ports[server.port] = tls_port
-            self.servers.append(server)
-            self.ids[server.port] = ok(server.port, "CLUSTER", "MYID").decode()
+    def _node(self, name: str, extra_args: list[str]) -> RedisServer:
+        workdir = self.workdir / name
+        args = ["--cluster-enabled", "yes", "--repl-diskless-sync-delay", "0"]  # no 5 s wait
+        args += ["--cluster-config-file", str(workdir / "nodes.conf")]
+        bus_port = free_port()  # not port + 10000: that one may be taken, or over 65535
+        args += ["--cluster-port", str(bus_port)]
+        if self.tls is not None:  # TLS for clients and the bus; plain kept for set-up
+            tls_port = free_port()
+            args += [*tls_args(self.tls, tls_port), "--tls-cluster", "yes"]
+        server = RedisServer(self.binary, free_port(), workdir, [*args, *extra_args])
+        server.start()
+        self.bus_ports[server.port] = bus_port
+        if self.tls is not None:
+            self.tls_ports[server.port] = tls_port
+        self.ids[server.port] = ok(server.port, "CLUSTER", "MYID").decode()
+        return server
+
+    def _start(self, extra_args: list[str], size: int, replicas: int) -> None:
+        self.servers += [self._node(f"node{i}", extra_args) for i in range(size)]
         share = 16384 // size
         for i, server in enumerate(self.servers):
             first, last = i * share, (16383 if i == size - 1 else (i + 1) * share - 1)
             ok(server.port, "CLUSTER", "ADDSLOTS", *range(first, last + 1))
             ok(server.port, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
-        for server in self.servers[1:]:
+        self.replicas += [self._node(f"replica{i}", extra_args) for i in range(replicas)]
+        everyone = [*self.servers, *self.replicas]
+        for server in everyone[1:]:
             meet = ("CLUSTER", "MEET", "127.0.0.1", server.port, self.bus_ports[server.port])
             ok(self.servers[0].port, *meet)
 
         def formed() -> bool:
             return all(
                 b"cluster_state:ok" in command(s.port, "CLUSTER", "INFO")
-                and b"cluster_known_nodes:%d" % size in command(s.port, "CLUSTER", "INFO")
-                for s in self.servers
+                and b"cluster_known_nodes:%d" % len(everyone) in command(s.port, "CLUSTER", "INFO")
+                for s in everyone
             )
 
         wait_for(formed, 15.0, "the cluster is formed")
+        if replicas:
+            self._replicate()
+
+    def _replicate(self) -> None:
+        for i, replica in enumerate(self.replicas):
+            master = self.servers[i % len(self.servers)].port
+            ok(replica.port, "CLUSTER", "REPLICATE", self.ids[master])
+            self.replica_of[replica.port] = master
+
+        def replicating() -> bool:  # linked, and every node knows it (a failover needs votes)
+            linked = all(b"master_link_status:up" in command(r.port, "INFO", "replication")
+                         for r in self.replicas)  # fmt: skip
+            return linked and all(
+                _replica_count(command(s.port, "CLUSTER", "NODES")) == len(self.replicas)
+                for s in [*self.servers, *self.replicas]
+            )
+
+        wait_for(replicating, 15.0, "the replicas replicate")
 
     @property
     def url(self) -> str:
@@ -420,7 +500,9 @@ class ClusterNodes:
         return [s.port for s in self.servers]
 
     def owner(self, slot: int) -> int:
-        for first, last, master, *_ in ok(self.ports[0], "CLUSTER", "SLOTS"):
+        """The port of the master serving `slot`, as the first node still running says."""
+        asked = next(s.port for s in [*self.servers, *self.replicas] if s.running)
+        for first, last, master, *_ in ok(asked, "CLUSTER", "SLOTS"):
             if first <= slot <= last:
                 return int(master[1])
         raise LookupError(f"slot {slot} is served by no node")
@@ -443,7 +525,7 @@ class ClusterNodes:
             ok(port, "CLUSTER", "SETSLOT", slot, "NODE", self.ids[to_port])
 
     def stop(self) -> None:
-        for server in self.servers:
+        for server in [*self.servers, *self.replicas]:
             server.stop()
 
 

@@ -20,8 +20,14 @@ call costs what it costs against one server (BENCHMARKS.md measures both clients
   its slot is half migrated: the scripts' keys may be on both sides): sent again after 5 ms,
   10 ms, 20 ms... for at most socket_timeout in all. None of these replies ran the command,
   so sending it again is safe; after MAX_REDIRECTS redirections the call fails.
-- A node that cannot be reached fails the calls for its slots, like one server; the map is
-  read again before the next call (a replica may have taken over its slots).
+- A node that cannot be reached fails the calls for its slots, like one server, and the map
+  is read again, from the other nodes first (a replica may have taken over its slots). A call
+  that could not even connect (RespNotSent: nothing was sent) waits for that read, at most
+  socket_timeout, and goes to the new owner when the map names one: the first call after a
+  replica's promotion reaches it. A call whose connection was lost after sending fails.
+- Between a master's death and its replica's promotion (cluster-node-timeout, then the
+  election), the other nodes answer CLUSTERDOWN for every slot while the cluster requires full
+  coverage (Redis' default): those calls fail too.
 - call_many sends each node its share of the commands in one write (renewing the holds of
   many principals), and returns the replies in the order of the commands.
 """
@@ -101,6 +107,7 @@ class ClusterClient:
         self._stale = True
         self._refreshed_at = float("-inf")
         self._refreshing: asyncio.Future[None] | None = None
+        self._unreachable: set[Address] = set()  # nodes whose last connection failed
         self._closed = False
         self.stats = ClusterStats()
 
@@ -213,8 +220,15 @@ class ClusterClient:
                 else:
                     self.stats.asked += 1
                     asking = target
+            except RespNotSent:
+                self._lost(address)
+                redirects += 1  # not sent: safe to send to a new owner, if the map names one
+                if asking is not None or redirects > MAX_REDIRECTS:
+                    raise
+                if not await self._owner_changed(slot, address):
+                    raise
             except RespConnectionError:
-                self._stale = True  # its slots may have a new master by now
+                self._lost(address)
                 raise
 
     async def _send_group(
@@ -227,7 +241,7 @@ class ClusterClient:
         try:
             answers = await self._node(address).pipeline([commands[i] for i in indexes])
         except RespConnectionError:
-            self._stale = True
+            self._lost(address)
             raise
         for index, answer in zip(indexes, answers, strict=True):
             if isinstance(answer, RespError) and _redirection(answer)[0] in (
@@ -238,6 +252,33 @@ class ClusterClient:
                 except RespError as exc:
                     answer = exc
             replies[index] = answer
+
+    def _lost(self, address: Address) -> None:
+        """`address` could not be reached: its slots may have a new master by now, and the
+        map is read from the other nodes first."""
+        self._unreachable.add(address)
+        self._stale = True
+
+    async def _owner_changed(self, slot: int | None, address: Address) -> bool:
+        """After `address` could not be reached (nothing sent): read the map again, unless it
+        was read within REFRESH_INTERVAL, waiting at most socket_timeout; True when it now
+        names another node for `slot` (a replica promoted in place of a dead master)."""
+        loop = asyncio.get_running_loop()
+        attempt = self._refreshing
+        if attempt is None:
+            if self._closed or loop.time() - self._refreshed_at < REFRESH_INTERVAL:
+                return False
+            attempt = self._start_refresh()
+        try:
+            await asyncio.wait_for(asyncio.shield(attempt), self.options.node.socket_timeout)
+        except (TimeoutError, RespFailure):
+            return False
+        except asyncio.CancelledError:
+            if attempt.cancelled() and self._closed:
+                return False
+            raise
+        owner = self._slots[slot] if slot is not None else self._address(None)
+        return owner is not None and owner != address
 
     def _address(self, slot: int | None) -> Address:
         if slot is None:
@@ -294,12 +335,18 @@ class ClusterClient:
         self.stats.refreshes += 1
         self._refreshed_at = asyncio.get_running_loop().time()
         failures = []
-        for address in dict.fromkeys([*self._masters, *self.options.nodes]):
+        known = dict.fromkeys([*self._masters, *self.options.nodes])
+        # Nodes that could not be reached are asked last: a host that is down may take
+        # socket_connect_timeout to fail, and the map is what tells where its slots went.
+        for address in sorted(known, key=lambda address: address in self._unreachable):
             try:
                 reply = await self._node(address).call("CLUSTER", "SLOTS")
             except RespFailure as exc:
+                if isinstance(exc, RespConnectionError):
+                    self._unreachable.add(address)
                 failures.append(str(exc))
                 continue
+            self._unreachable.discard(address)
             self._install(reply, address)
             return
         raise RespNotSent(f"redis {self.where}: no node gave the slot map ({'; '.join(failures)})")

@@ -120,7 +120,7 @@ class MemoryStore:
         """Count units in flight in a fixed window (kept out of what is persisted)."""
         if charge.kind != "fixed":
             return
-        key = (principal_id, charge.name)
+        key = (principal_id, charge.key)
         window, held = self._held.get(key, (charge.window_id, 0.0))
         if window != charge.window_id:
             if units < 0:
@@ -137,7 +137,7 @@ class MemoryStore:
     def _held_in(self, principal_id: str, charge: WindowCharge) -> float:
         if charge.kind != "fixed":
             return 0.0
-        window, held = self._held.get((principal_id, charge.name), (None, 0.0))
+        window, held = self._held.get((principal_id, charge.key), (None, 0.0))
         return held if window == charge.window_id else 0.0
 
     async def peek(
@@ -204,7 +204,7 @@ class MemoryStore:
                 self._disk.set(key, state, expire=keep_seconds)
 
     def _read(self, principal_id: str, charge: WindowCharge) -> _State | None:
-        key = (principal_id, charge.name)
+        key = (principal_id, charge.key)
         if key not in self._state:
             # First sight of this window in this process: take what a previous run left.
             persisted = charge.kind == "fixed" and self._disk is not None
@@ -220,7 +220,7 @@ class MemoryStore:
         return state[1] if state[0] == charge.window_id else 0.0
 
     def _write(self, principal_id: str, charge: WindowCharge, used: float, now: float) -> None:
-        key = (principal_id, charge.name)
+        key = (principal_id, charge.key)
         if charge.kind == "bucket":
             previous = self._state.get(key)
             last = max(now, previous[1]) if previous is not None else now

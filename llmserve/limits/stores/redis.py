@@ -36,6 +36,7 @@ from importlib import resources
 from typing import Any
 
 from llmserve.limits.stores.base import Hold, ReserveOutcome, StoreUnavailable
+from llmserve.limits.stores.persistence import persistence_warning
 from llmserve.limits.stores.resp import (
     RedisClient,
     RespArg,
@@ -83,10 +84,18 @@ class RedisStore:
                 "b" if c.kind == "bucket" else "f", c.limit, repr(c.rate), c.cost,
                 _window_ttl_ms(c, now),
             ]  # fmt: skip
-        keys_ttl = max([_window_ttl_ms(c, now) for c in charges]
-                       + [math.ceil((hold.lease_until - now) * 1000) + _EXPIRY_MARGIN_MS])
-        args: list[RespArg] = [repr(now), hold.id, repr(hold.lease_until),
-                               self._member(principal_id, hold), keys_ttl, *windows]
+        keys_ttl = max(
+            [_window_ttl_ms(c, now) for c in charges]
+            + [math.ceil((hold.lease_until - now) * 1000) + _EXPIRY_MARGIN_MS]
+        )
+        args: list[RespArg] = [
+            repr(now),
+            hold.id,
+            repr(hold.lease_until),
+            self._member(principal_id, hold),
+            keys_ttl,
+            *windows,
+        ]
         reply = await self._eval(self._reserve, principal_id, charges, args)
         admitted = int(reply[0])
         if admitted < 0:  # cancelled before it ran: only a stale reserve nobody waits for
@@ -132,25 +141,14 @@ class RedisStore:
         await self.client.close()
 
     async def persistence_warning(self) -> str | None:
-        """What is at risk when the Redis server keeps no copy of its data (no RDB snapshots,
-        no AOF): a restart resets day and month quotas. None when it persists, or when it
-        cannot be told (CONFIG is often disabled on managed Redis)."""
-        try:
-            save, appendonly = await self.client.call_many(
-                [("CONFIG", "GET", "save"), ("CONFIG", "GET", "appendonly")]
-            )
-        except (RespFailure, OSError):
-            return None
-        if _config_value(save) or _config_value(appendonly) == "yes":
-            return None
-        return (
-            f"limits.store: the Redis server at {self.client.where} has no persistence "
-            "(no RDB `save`, `appendonly no`): a restart resets every day and month quota. "
-            "Set `appendonly yes` (or a `save` schedule) on it; see docs/limits.md."
+        """What a restart of a Redis server that keeps no copy of its data costs (day and
+        month quotas reset); None when it persists or cannot be told (stores/persistence.py)."""
+        return await persistence_warning(
+            self.client, "limits.store", "resets every day and month quota", "docs/limits.md"
         )
 
     def key(self, principal_id: str, charge: WindowCharge) -> str:
-        base = f"{self._prefix}{{{principal_id}}}:{charge.name}"
+        base = f"{self._prefix}{{{principal_id}}}:{charge.key}"
         return f"{base}:{charge.window_id}" if charge.kind == "fixed" else base
 
     def _hold_keys(self, principal_id: str) -> list[str]:
@@ -182,14 +180,6 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {exc}", maybe_applied=False) from exc
         except (RespFailure, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
-
-
-def _config_value(reply: Any) -> str:
-    """The value of a CONFIG GET reply ([name, value]), as text ("" when absent)."""
-    if not isinstance(reply, list) or len(reply) < 2:
-        return ""
-    value = reply[1]
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _window_ttl_ms(charge: WindowCharge, now: float) -> int:

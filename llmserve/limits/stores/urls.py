@@ -195,6 +195,11 @@ def _query(parts: SplitResult, extra: tuple[str, ...], tls: bool) -> dict[str, s
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     supported = (*extra, *_TIMEOUT_OPTIONS, *(_TLS_OPTIONS if tls else ()))
     for name in query:
+        if name in ("ssl", "tls"):  # other clients' switch: here the scheme says it
+            raise ConfigError(
+                f"Redis URL option {name!r}: TLS is chosen by the scheme, rediss://, "
+                "rediss+sentinel:// (the sentinels and the master) or rediss+cluster://"
+            )
         if name in _TLS_OPTIONS and not tls:
             raise ConfigError(
                 f"Redis URL option {name!r} needs TLS: rediss://, rediss+sentinel:// or "
