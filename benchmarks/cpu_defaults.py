@@ -14,6 +14,9 @@ Setups, each started, measured and stopped in turn (they share the CPU, never at
 - `llmserve`: `llmserve up` on the shipped `llmserve.yaml` (only the port, the key store and
   state paths changed), with an API key: what `scripts/up` serves.
 
+A setup may be named twice (`vllm-f32-compile,vllm-f32-compile`): with `--cold-compile` the
+first start compiles from scratch and the second finds vLLM's compile cache.
+
 `--emulate-avx2` runs every server with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`:
 PyTorch's CPU kernels then use AVX2 only, as on a CPU without AVX-512 and native bfloat16
 (a bfloat16 linear layer runs 3.6x slower than float32 there, against 3.5x measured on a real
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +56,7 @@ SETUPS: dict[str, list[str]] = {
     "vllm-f32-compile": ["--dtype", "float32"],
     "llmserve": [],
 }
+COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
@@ -155,16 +160,20 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--single", type=int, default=6, help="prompts of the 1-stream run")
+    parser.add_argument("--cold-compile", action="store_true",
+                        help=f"empty vLLM's compile cache ({COMPILE_CACHE}) first")  # fmt: skip
     args = parser.parse_args()
     env = dict(AVX2_ENV) if args.emulate_avx2 else {}
     names = [n for n in args.setups.split(",") if n]
     results: dict[str, dict] = {}
+    if args.cold_compile:
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            workdir = Path(tmp) / name
+        for i, name in enumerate(names):
+            workdir = Path(tmp) / f"{i}-{name}"
             workdir.mkdir()
             results[name] = run_setup(name, args, env, workdir)
-            _print_row(name, results[name], header=len(results) == 1, args=args, env=env)
+            _print_row(name, results[name], header=i == 0, args=args, env=env)
     if "llmserve" in results:
         ours = results["llmserve"]
         for name, r in results.items():

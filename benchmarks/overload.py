@@ -132,7 +132,8 @@ def _pct(values: list[float], pct: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
 
 
-def llmserve_default_config(workdir: Path, port: int, lift_free: bool) -> Path:
+def llmserve_default_config(workdir: Path, port: int, lift_free: bool,
+                            queue: dict | None = None) -> Path:  # fmt: skip
     config = yaml.safe_load((ROOT / "llmserve.yaml").read_text())
     server = {"host": "127.0.0.1", "port": port, "public_ready": True}
     config.setdefault("server", {}).update(server)
@@ -143,6 +144,7 @@ def llmserve_default_config(workdir: Path, port: int, lift_free: bool) -> Path:
     config.setdefault("logging", {})["level"] = "warning"
     if lift_free:
         config["limits"]["tiers"]["free"] = {"priority": 0}
+    config.setdefault("queue", {}).update(queue or {})
     path = workdir / "llmserve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -156,9 +158,10 @@ def create_key(config: Path, tier: str) -> str:
     return next(w for w in created.stdout.split() if w.startswith("sk-llms-"))
 
 
-def start_llmserve(workdir: Path, lift_free: bool) -> tuple[subprocess.Popen, str, dict]:
+def start_llmserve(workdir: Path, lift_free: bool,
+                   queue: dict | None = None) -> tuple[subprocess.Popen, str, dict]:  # fmt: skip
     port = free_port()
-    config = llmserve_default_config(workdir, port, lift_free)
+    config = llmserve_default_config(workdir, port, lift_free, queue)
     keys = {tier: create_key(config, tier) for tier in ("pro", "free")}
     with open(workdir / "llmserve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "llmserve", "up", "-c", str(config)],
@@ -190,7 +193,14 @@ def main() -> None:
     parser.add_argument("--trickle", type=int, default=15, help="pro requests in the tier run")
     parser.add_argument("--slo", type=float, default=10.0, help="goodput: TTFT <= this (s)")
     parser.add_argument("--capacity", type=float, help="requests/s (default: measure it)")
+    parser.add_argument("--only", choices=("goodput", "tiers"), help="run one part")
+    parser.add_argument("--reserved-share", type=float, help="queue.reserved_share (tiers)")
     args = parser.parse_args()
+    if args.only == "tiers":
+        if not args.capacity:
+            parser.error("--only tiers needs --capacity")
+        tiers_only(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         port = free_port()
@@ -216,13 +226,24 @@ def main() -> None:
             kill_group(proc)
         print(f"goodput llmserve / vllm serve: {ours['goodput'] / vllm_row['goodput']:.2f} "
               "(target >= 3)", flush=True)  # fmt: skip
-        (workdir / "b").mkdir()
-        proc, url, keys = start_llmserve(workdir / "b", lift_free=True)
-        try:
-            asyncio.run(tiers_run(url, keys, capacity, args))
-        finally:
-            kill_group(proc)
+        if args.only != "goodput":
+            run_tiers(workdir / "b", capacity, args)
     print(json.dumps({"capacity": capacity, "rate": rate}), flush=True)
+
+
+def tiers_only(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_tiers(Path(tmp), args.capacity, args)
+
+
+def run_tiers(workdir: Path, capacity: float, args: argparse.Namespace) -> None:
+    workdir.mkdir(exist_ok=True)
+    queue = {} if args.reserved_share is None else {"reserved_share": args.reserved_share}
+    proc, url, keys = start_llmserve(workdir, lift_free=True, queue=queue)
+    try:
+        asyncio.run(tiers_run(url, keys, capacity, args))
+    finally:
+        kill_group(proc)
 
 
 if __name__ == "__main__":

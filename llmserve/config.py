@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,6 +28,8 @@ from pydantic import (
 
 from llmserve.errors import ConfigError
 from llmserve.masking import mask_tree
+
+PositiveByteSize = Annotated[ByteSize, Field(gt=0)]
 
 log = logging.getLogger("llmserve.config")
 
@@ -396,8 +398,12 @@ class EngineConfig(Section):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU only)."
     )
-    cpu_kv_cache_bytes: ByteSize = Field(
-        ByteSize(1024**3), gt=0, description="KV cache size on CPU (CPU only)."
+    cpu_kv_cache_bytes: Literal["auto"] | PositiveByteSize = Field(
+        "auto",
+        description="KV cache size on CPU (CPU only). `auto`: what `max_num_seqs` sequences of "
+        "`max_model_len` tokens need at the dtype the engine runs (from the model's "
+        "config.json), within a quarter of the memory available at start-up; 1GiB where the "
+        "model's shape cannot be read. `llmserve check` shows the size.",
     )
     default_max_tokens: int | None = Field(
         None,

@@ -80,6 +80,15 @@ async def test_streamed_completion_is_timed_per_chunk(session: aiohttp.ClientSes
     assert result.api_key_index == 1  # index 1 of two keys
 
 
+async def test_lora_modules_spread_requests_over_the_names_reproducibly() -> None:
+    target = Target(base_url=BASE, model="base", lora_modules=("base", "lora-a", "lora-b"))
+    models = [build_payload(target, SAMPLE, index)["model"] for index in range(300)]
+    assert models == [build_payload(target, SAMPLE, index)["model"] for index in range(300)]
+    counts = {name: models.count(name) for name in ("base", "lora-a", "lora-b")}
+    assert sum(counts.values()) == 300 and min(counts.values()) > 70, counts
+    assert build_payload(Target(base_url=BASE, model="m"), SAMPLE, 5)["model"] == "m"
+
+
 async def test_payload_asks_for_usage_and_uses_the_chat_shape() -> None:
     chat = Target(base_url=f"{BASE}/v1/", model="m", endpoint="/v1/chat/completions")
     payload = build_payload(chat, SAMPLE)

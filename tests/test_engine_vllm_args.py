@@ -310,3 +310,63 @@ def test_a_onednn_isa_cap_below_bfloat16_hides_the_native_bfloat16_flags(tmp_pat
     capped = read_cpu_flags(cpuinfo, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
     choice = cpu_dtype(EngineConfig(model=small), capped)
     assert choice.dtype == "float32" and "ONEDNN_MAX_CPU_ISA" in choice.reason
+
+
+def _shaped_model(tmp_path, dtype="bfloat16", **shape):
+    import json
+
+    meta = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "head_dim": 64, "hidden_size": 576, "torch_dtype": dtype, **shape}  # SmolLM2-135M
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    return str(tmp_path)
+
+
+def test_auto_kv_cache_holds_the_whole_batch_at_the_dtype_the_engine_runs(tmp_path):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import KV_BLOCK_TOKENS, cpu_kv_cache_bytes
+
+    config = EngineConfig(model=_shaped_model(tmp_path), max_num_seqs=16, max_model_len=2048)
+    tokens = 16 * (2048 + KV_BLOCK_TOKENS)
+    per_token_bf16 = 2 * 30 * 3 * 64 * 2  # keys and values, 30 layers, 3 KV heads of 64
+    assert cpu_kv_cache_bytes(config, "auto", 24 * 1024**3) == per_token_bf16 * tokens
+    assert cpu_kv_cache_bytes(config, "float32", 24 * 1024**3) == 2 * per_token_bf16 * tokens
+    # the default 1 GiB of earlier versions held 11 such sequences in float32, not 16
+    assert 1024**3 // (2 * per_token_bf16 * 2048) == 11
+    split = EngineConfig(model=config.model, tensor_parallel_size=2, max_num_seqs=16)
+    assert cpu_kv_cache_bytes(split, "auto", None) == per_token_bf16 * tokens // 2
+
+
+def test_auto_kv_cache_stays_within_a_quarter_of_the_memory_and_above_a_floor(tmp_path):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import (
+        KV_FALLBACK_BYTES,
+        KV_MIN_BYTES,
+        cpu_kv_cache_bytes,
+    )
+
+    big = EngineConfig(model=_shaped_model(tmp_path), max_num_seqs=256, max_model_len=8192)
+    assert cpu_kv_cache_bytes(big, "float32", 16 * 1024**3) == 4 * 1024**3
+    small = EngineConfig(model=big.model, max_num_seqs=1, max_model_len=64)
+    assert cpu_kv_cache_bytes(small, "auto", 16 * 1024**3) == KV_MIN_BYTES
+    unknown = EngineConfig(model="org/hub-model")
+    assert cpu_kv_cache_bytes(unknown, "auto", 16 * 1024**3) == KV_FALLBACK_BYTES
+    (tmp_path / "config.json").write_text("{}")
+    assert cpu_kv_cache_bytes(EngineConfig(model=str(tmp_path)), "auto", None) == KV_FALLBACK_BYTES
+    given = EngineConfig(model=big.model, cpu_kv_cache_bytes="3GiB")
+    assert cpu_kv_cache_bytes(given, "float32", 1024**3) == 3 * 1024**3  # as set, not capped
+
+
+def test_the_launch_gets_the_kv_cache_of_the_dtype_auto_chose(tmp_path):
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import build_launch, cpu_kv_cache_bytes
+
+    model = _shaped_model(tmp_path)
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(270 * 1024**2)
+    config = EngineConfig(model=model)
+    launch = build_launch(config, "cpu", KNOWN, AVX2_ONLY, 24 * 1024**3)
+    assert launch.engine_args["dtype"] == "float32"
+    expected = cpu_kv_cache_bytes(config, "float32", 24 * 1024**3)
+    assert launch.engine_args["kv_cache_memory_bytes"] == expected
+    native = build_launch(config, "cpu", KNOWN, {"amx_bf16"}, 24 * 1024**3)
+    assert native.engine_args["kv_cache_memory_bytes"] == expected // 2

@@ -47,6 +47,7 @@ class BenchOptions:
     percentiles: tuple[float, ...] = (99.0,)
     label: str | None = None
     save_detailed: bool = False
+    lora_modules: tuple[str, ...] = ()  # models drawn per request (vLLM's --lora-modules)
 
 
 def parse_csv_metrics(text: str) -> tuple[str, ...]:
@@ -166,6 +167,7 @@ def _target(options: BenchOptions) -> Target:
         api_keys=options.api_keys,
         ignore_eos=options.ignore_eos,
         extra_body=options.extra_body,
+        lora_modules=options.lora_modules,
     )
 
 

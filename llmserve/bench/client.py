@@ -7,6 +7,7 @@ model parsing becomes the bottleneck and would be measured instead of the server
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,14 @@ class Target:
     api_keys: tuple[str, ...] = ()
     ignore_eos: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # `--lora-modules`: each request names one of these, drawn per request (seeded by its
+    # index), instead of `model`; any served name works (an adapter, the base model, an alias)
+    lora_modules: tuple[str, ...] = ()
+
+    def model_for(self, index: int) -> str:
+        if not self.lora_modules:
+            return self.model
+        return random.Random(index).choice(self.lora_modules)
 
     @property
     def url(self) -> str:
@@ -58,8 +67,8 @@ def join_url(base_url: str, endpoint: str) -> str:
     return base + endpoint
 
 
-def build_payload(target: Target, sample: SampleRequest) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": target.model, "stream": True}
+def build_payload(target: Target, sample: SampleRequest, index: int = 0) -> dict[str, Any]:
+    payload: dict[str, Any] = {"model": target.model_for(index), "stream": True}
     if target.is_chat:
         payload["messages"] = [{"role": "user", "content": sample.prompt}]
         payload["max_completion_tokens"] = sample.expected_output_len
@@ -94,7 +103,7 @@ async def send_request(
     try:
         async with session.post(
             target.url,
-            json=build_payload(target, sample),
+            json=build_payload(target, sample, index),
             headers=request_headers(target, key_index),
         ) as response:
             await _read_response(response, result, clock)

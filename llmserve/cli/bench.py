@@ -32,6 +32,11 @@ from llmserve.bench.sweep import SweepOutcome
 _err = Console(stderr=True)
 
 
+def _names(values: list[str]) -> tuple[str, ...]:
+    """`a,b` and repeated options alike."""
+    return tuple(name.strip() for value in values for name in value.split(",") if name.strip())
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench)
 
@@ -100,6 +105,14 @@ def bench(
     save_detailed: bool = typer.Option(False, "--save-detailed", help="Keep per-request lists."),
     label: str = typer.Option(None, "--label", help="Prefix of the result file name."),
     disable_tqdm: bool = typer.Option(False, "--disable-tqdm", help="No progress bar."),
+    lora_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora-modules",
+            help="Model names drawn at random per request instead of --model (LoRA adapters, "
+            "the base model, aliases), comma-separated or repeated, as vLLM's --lora-modules.",
+        ),
+    ] = None,
     sweep: bool = typer.Option(False, "--sweep", help="Raise the rate until goodput plateaus."),
     sweep_start_rate: float = typer.Option(1.0, "--sweep-start-rate", help="First rate (req/s)."),
     sweep_factor: float = typer.Option(2.0, "--sweep-factor", help="Rate multiplier per step."),
@@ -137,6 +150,7 @@ def bench(
             percentiles=parse_csv_percentiles(metric_percentiles),
             label=label,
             save_detailed=save_detailed,
+            lora_modules=_names(lora_modules or []),
         )
         _check_rates(options, sweep, sweep_factor)
         samples = build_samples(options)

@@ -15,6 +15,7 @@ from llmserve.cli.common import ConfigOption, load_or_exit
 from llmserve.config import Config, effective_config, resolve_config_path
 from llmserve.engine.vllm_args import (
     cpu_dtype,
+    cpu_kv_cache_bytes,
     is_multi_node,
     read_cpu_flags,
     read_mem_available,
@@ -89,8 +90,12 @@ def _show_cpu_dtype(cfg: Config) -> None:
     """What `engine.dtype` becomes on this machine's CPU (the GPU keeps vLLM's choice)."""
     if cfg.engine.kind != "vllm" or cfg.engine.device == "cuda":
         return
-    choice = cpu_dtype(cfg.engine, read_cpu_flags(), read_mem_available())
+    memory = read_mem_available()
+    choice = cpu_dtype(cfg.engine, read_cpu_flags(), memory)
     typer.echo(f"# engine.dtype on CPU: {choice.dtype} ({choice.reason})", err=True)
+    kv = cpu_kv_cache_bytes(cfg.engine, choice.dtype, memory)
+    how = "auto" if cfg.engine.cpu_kv_cache_bytes == "auto" else "set"
+    typer.echo(f"# engine.cpu_kv_cache_bytes on CPU: {kv / 2**20:.0f} MiB ({how})", err=True)
 
 
 def _show_nodes(cfg: Config) -> None:

@@ -165,6 +165,8 @@ class VLLMEngine:
             choice = cpu_dtype(self._config, flags, memory)
             log.log(logging.WARNING if choice.slow else logging.INFO,
                     "engine dtype on CPU: %s", choice.reason)  # fmt: skip
+            log.info("engine KV cache on CPU: %d MiB",
+                     launch.engine_args["kv_cache_memory_bytes"] // 2**20)  # fmt: skip
         os.environ.update(launch.env)
         self._vllm = _import_vllm()
         self._launch = launch

@@ -281,7 +281,54 @@ def cpu_dtype(
 def _float32_fits(weights: int, config: EngineConfig, mem_available: int | None) -> bool:
     if mem_available is None:
         return weights <= CPU_FLOAT32_MAX_BYTES
-    return weights + int(config.cpu_kv_cache_bytes) <= FLOAT32_MEMORY_SHARE * mem_available
+    kv = cpu_kv_cache_bytes(config, "float32", mem_available)
+    return weights + kv <= FLOAT32_MEMORY_SHARE * mem_available
+
+
+# `cpu_kv_cache_bytes: auto`: room for max_num_seqs full-length sequences (and a block of
+# slack each), within KV_MEMORY_SHARE of the memory available at start-up, at least
+# KV_MIN_BYTES; KV_FALLBACK_BYTES where the model's shape cannot be read.
+KV_MEMORY_SHARE = 0.25
+KV_MIN_BYTES = 256 * 1024**2
+KV_FALLBACK_BYTES = 1024**3
+KV_BLOCK_TOKENS = 16
+
+
+def cpu_kv_cache_bytes(config: EngineConfig, dtype: str, mem_available: int | None) -> int:
+    """The KV cache of one CPU worker: `cpu_kv_cache_bytes`, or for `auto` what the batch
+    needs at `dtype` ("auto": the checkpoint's), split over the replica's workers."""
+    if config.cpu_kv_cache_bytes != "auto":
+        return int(config.cpu_kv_cache_bytes)
+    per_token = kv_bytes_per_token(Path(config.model), dtype)
+    if per_token is None:
+        return KV_FALLBACK_BYTES
+    tokens = config.max_num_seqs * (config.max_model_len + KV_BLOCK_TOKENS)
+    need = -(-per_token * tokens // _replica_workers(config))
+    if mem_available is not None:
+        need = min(need, int(KV_MEMORY_SHARE * mem_available))
+    return max(need, KV_MIN_BYTES)
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int | None:
+    """Bytes of keys and values one token takes over all layers (None when unknown)."""
+    try:
+        meta = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    meta = meta.get("text_config", meta)  # multimodal configs nest the language model's
+    try:
+        layers = int(meta["num_hidden_layers"])
+        heads = int(meta.get("num_attention_heads") or 0)
+        kv_heads = int(meta.get("num_key_value_heads") or heads)
+        head_dim = int(meta.get("head_dim") or meta["hidden_size"] // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if dtype == "auto":
+        dtype = str(meta.get("torch_dtype") or meta.get("dtype") or "")
+    per_value = _BYTES_PER_PARAM.get(dtype)
+    if per_value is None or min(layers, kv_heads, head_dim) <= 0:
+        return None
+    return 2 * layers * kv_heads * head_dim * per_value
 
 
 def read_mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -342,10 +389,11 @@ def _float32_weight_bytes(model_dir: Path) -> int | None:
 def _cpu_args(
     config: EngineConfig, cpu_flags: Collection[str], mem_available: int | None
 ) -> dict[str, Any]:
+    dtype = cpu_dtype(config, cpu_flags, mem_available).dtype
     return {
-        "dtype": cpu_dtype(config, cpu_flags, mem_available).dtype,
+        "dtype": dtype,
         "enforce_eager": True,  # else inductor compiles C++ kernels at start-up
-        "kv_cache_memory_bytes": int(config.cpu_kv_cache_bytes),
+        "kv_cache_memory_bytes": cpu_kv_cache_bytes(config, dtype, mem_available),
         # one worker per replica runs inside the engine core; several need processes
         "distributed_executor_backend": config.distributed_executor_backend
         or ("uni" if _replica_workers(config) == 1 else "mp"),
