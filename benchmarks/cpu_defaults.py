@@ -13,6 +13,7 @@ Setups, each started, measured and stopped in turn (they share the CPU, never at
 - `vllm-f32-compile`: `--dtype float32`, torch.compile (vLLM's default mode).
 - `llmserve`: `llmserve up` on the shipped `llmserve.yaml` (only the port, the key store and
   state paths changed), with an API key: what `scripts/up` serves.
+- `llmserve-compile`: the same with `engine.options: {enforce_eager: false}` (torch.compile).
 
 A setup may be named twice (`vllm-f32-compile,vllm-f32-compile`): with `--cold-compile` the
 first start compiles from scratch and the second finds vLLM's compile cache.
@@ -20,7 +21,10 @@ first start compiles from scratch and the second finds vLLM's compile cache.
 `--emulate-avx2` runs every server with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`:
 PyTorch's CPU kernels then use AVX2 only, as on a CPU without AVX-512 and native bfloat16
 (a bfloat16 linear layer runs 3.6x slower than float32 there, against 3.5x measured on a real
-AVX2 machine). llmserve's `dtype: auto` reads the same variable.
+AVX2 machine). llmserve's `dtype: auto` reads the same variable. vLLM's own bfloat16 kernels
+do not follow it: on a CPU with AMX, `vllm-default` (bfloat16) dies at start-up under the
+emulation ("BFloat16 Brgemm VNNI format is only supported ... when `amx` is supported"), so
+the bfloat16 side of the comparison needs a real CPU without native bfloat16.
 
 For each: seconds from start to ready, then `vllm bench serve` (random 128 in / 64 out) with
 `--concurrency` streams, then with one stream (`--single` prompts). Needs SmolLM2
@@ -55,6 +59,7 @@ SETUPS: dict[str, list[str]] = {
     "vllm-f32-eager": ["--dtype", "float32", "--enforce-eager"],
     "vllm-f32-compile": ["--dtype", "float32"],
     "llmserve": [],
+    "llmserve-compile": [],
 }
 COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -95,8 +100,11 @@ def bench(port: int, key: str | None, env: dict[str, str], workdir: Path, name: 
     return json.loads((workdir / f"{name}.json").read_text())
 
 
-def llmserve_command(workdir: Path, port: int, env: dict[str, str]) -> tuple[list[str], str]:
+def llmserve_command(workdir: Path, port: int, env: dict[str, str],
+                     compile: bool = False) -> tuple[list[str], str]:  # fmt: skip
     config = yaml.safe_load((ROOT / "llmserve.yaml").read_text())
+    if compile:
+        config["engine"]["options"] = {"enforce_eager": False}
     config["server"]["port"] = port
     config["server"]["public_ready"] = True
     config["engine"]["model"] = str(MODEL)
@@ -121,8 +129,8 @@ def run_setup(name: str, args: argparse.Namespace, env: dict[str, str], workdir:
     port = free_port()
     key: str | None = None
     run_env = {**BASE_ENV, **env}
-    if name == "llmserve":
-        command, key = llmserve_command(workdir, port, env)
+    if name.startswith("llmserve"):
+        command, key = llmserve_command(workdir, port, env, compile=name == "llmserve-compile")
         ready = f"http://127.0.0.1:{port}/ready"
     else:
         command = [sys.executable, "-c", VLLM_CLI, "serve", str(MODEL), "--host", "127.0.0.1",

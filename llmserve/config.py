@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,6 +31,7 @@ from llmserve.errors import ConfigError
 from llmserve.masking import mask_tree
 
 PositiveByteSize = Annotated[ByteSize, Field(gt=0)]
+_BYTE_SIZE: TypeAdapter[ByteSize] = TypeAdapter(ByteSize)
 
 log = logging.getLogger("llmserve.config")
 
@@ -469,6 +471,20 @@ class EngineConfig(Section):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model.rstrip("/")).name
+
+    @field_validator("cpu_kv_cache_bytes", mode="before")
+    @classmethod
+    def _kv_size(cls, value: object) -> object:
+        """`auto` or a positive size, with one plain message for anything else."""
+        if value == "auto":
+            return value
+        try:
+            size = _BYTE_SIZE.validate_python(value)
+        except ValidationError:
+            raise ValueError("expected auto or a size such as 1GiB") from None
+        if size <= 0:
+            raise ValueError("expected auto or a size above 0")
+        return size
 
     @model_validator(mode="after")
     def _auto_tools_need_parser(self) -> EngineConfig:
