@@ -92,6 +92,7 @@ class VLLMEngine:
         self._loras: LoraSet | None = None  # the adapters served (vllm_adapters.py)
         self._in_flight: set[str] = set()  # requests generating now
         self._heartbeats: HeartbeatListener | None = None  # worker nodes (node_heartbeat.py)
+        self._start_thread: threading.Thread | None = None  # builds vLLM's engine (_build)
         self.start_seconds: float | None = None
 
     @property
@@ -136,7 +137,8 @@ class VLLMEngine:
     async def _start(self) -> None:
         # The result comes back through an attribute, not the thread's future: an idle worker
         # thread keeps its last future alive, and with it the engine after close().
-        await _in_daemon_thread(self._build)
+        self._start_thread, done = _in_daemon_thread(self._build)
+        await done
         llm, self._built = self._built, None
         self._tokenizer = llm.get_tokenizer()
         self._sampling_defaults = _sampling_defaults(llm)
@@ -200,7 +202,19 @@ class VLLMEngine:
             self._loras.close()
         if llm is not None:
             _shutdown(llm)
+        await self._wait_for_start_thread()
         self._stop_reaper()
+
+    async def _wait_for_start_thread(self) -> None:
+        """A start-up cut short goes on in its thread until vLLM returns, then shuts the engine
+        down (_build). On one node that takes as long as loading the model: wait for it, so that
+        nothing of the engine outlives close(). Across nodes vLLM may wait up to 600 s for the
+        other nodes' engines: leave the thread (a daemon) and let the reaper end the processes."""
+        thread = self._start_thread
+        if thread is None or is_multi_node(self._config):
+            return
+        while thread.is_alive():
+            await asyncio.sleep(0.05)
 
     def _stop_reaper(self) -> None:
         reaper, self._reaper = self._reaper, None
@@ -476,12 +490,11 @@ def _lora_requests(lora_request: Any, config: EngineConfig) -> dict[str, Any]:
     }
 
 
-async def _in_daemon_thread(work: Callable[[], None]) -> None:
-    """Run `work` in a daemon thread of its own and wait for it. Not the loop's executor: vLLM's
-    start-up may block for up to 600 s (waiting for the engines of other nodes), and the
-    executor's threads are joined when the loop closes, so a SIGTERM then would not end the
-    process until vLLM gives up. A daemon thread is left behind; the reaper ends the engine's
-    processes."""
+def _in_daemon_thread(work: Callable[[], None]) -> tuple[threading.Thread, asyncio.Future[None]]:
+    """Run `work` in a daemon thread of its own; the future resolves when it ends. Not the
+    loop's executor, whose threads are joined when the loop closes: vLLM's start-up may wait up
+    to 600 s for the engines of other nodes, and a SIGTERM then must end the process at once
+    (VLLMEngine._wait_for_start_thread decides when to wait for it)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
@@ -502,8 +515,9 @@ async def _in_daemon_thread(work: Callable[[], None]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             loop.call_soon_threadsafe(finish, error)
 
-    threading.Thread(target=run, name="llmserve-engine-start", daemon=True).start()
-    await done
+    thread = threading.Thread(target=run, name="llmserve-engine-start", daemon=True)
+    thread.start()
+    return thread, done
 
 
 def _delta_of(output: Any) -> Delta | None:

@@ -27,6 +27,31 @@ async def test_unknown_engine_option_fails_start_naming_it(tiny_model_dir) -> No
     await engine.close()
 
 
+async def test_a_start_cut_short_by_close_leaves_no_thread_and_no_engine_behind(
+    tiny_model_dir,
+) -> None:
+    """A SIGTERM during start-up: the server cancels start() and closes the engine. On one node
+    close() waits for vLLM to finish loading in its thread and shuts it down, so nothing of the
+    engine outlives it."""
+    import threading
+
+    from llmserve.engine.vllm import VLLMEngine
+
+    before = child_pids()
+    engine = VLLMEngine(tiny_engine_config(tiny_model_dir, distributed_executor_backend="mp"))
+    start = asyncio.create_task(engine.start())
+    assert await wait_until(lambda: engine._start_thread is not None, timeout=30)
+    await asyncio.sleep(1.0)  # vLLM is loading
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    await engine.close()
+    assert not any(t.name == "llmserve-engine-start" for t in threading.enumerate())
+    assert await wait_until(lambda: not (child_pids() - before), timeout=15)
+    with pytest.raises(EngineUnavailable):
+        await engine.start()
+
+
 async def test_missing_model_directory_fails_start_with_a_hint(tmp_path) -> None:
     from llmserve.engine.vllm import VLLMEngine
 
