@@ -212,8 +212,13 @@ def test_a_head_and_a_worker_node_serve_requests_on_both_ranks_and_stop_cleanly(
         head_log = (tmp_path / "head.log").read_text()
         assert "worker heartbeats: node 1 (data-parallel rank 1) joined" in head_log
         assert "node 1 (data-parallel rank 1) closed its connection" in head_log
-        assert any(o != "complete" for o in outcomes), outcomes  # rank 1's request failed
-        assert all(o in ("complete", "engine_unavailable") for o in outcomes), outcomes
+        # rank 1's request ends with an error, never passed off as complete or cut silently:
+        # `engine_error` when vLLM's worker aborted it while stopping, before the heartbeat
+        # closed; `engine_unavailable` when the head's abort came first
+        assert any(o != "complete" for o in outcomes), outcomes
+        assert all(o in ("complete", "engine_unavailable", "engine_error") for o in outcomes), (
+            outcomes
+        )
         assert _wait_gone(head.pid) == [], _logs(tmp_path)
     finally:
         kill_group(worker)
