@@ -140,13 +140,14 @@ def test_stats_sink_keeps_each_data_parallel_rank_and_headlines_the_fullest() ->
 
 
 def test_data_parallel_settings_reach_the_engine_args_on_cpu_and_gpu() -> None:
-    settings = {"data_parallel_size": 2, "data_parallel_backend": "ray"}
+    settings = {"data_parallel_size": 2, "data_parallel_backend": "mp"}
     cpu = build_launch(config(**settings), "cpu", KNOWN).engine_args
-    assert (cpu["data_parallel_size"], cpu["data_parallel_backend"]) == (2, "ray")
+    assert (cpu["data_parallel_size"], cpu["data_parallel_backend"]) == (2, "mp")
     assert cpu["distributed_executor_backend"] == "uni"  # one replica's workers: in-process
-    gpu = build_launch(config(distributed_executor_backend="mp", **settings), "cuda",
-                       KNOWN).engine_args  # fmt: skip
+    gpu = build_launch(config(distributed_executor_backend="mp", data_parallel_size=2,
+                              data_parallel_backend="ray"), "cuda", KNOWN).engine_args  # fmt: skip
     assert (gpu["data_parallel_size"], gpu["distributed_executor_backend"]) == (2, "mp")
+    assert gpu["data_parallel_backend"] == "ray"
     with pytest.raises(EngineStartError, match="data_parallel_size"):
         build_launch(config(options={"data_parallel_size": 4}), "cpu", KNOWN)
 
@@ -370,3 +371,19 @@ def test_the_launch_gets_the_kv_cache_of_the_dtype_auto_chose(tmp_path):
     assert launch.engine_args["kv_cache_memory_bytes"] == expected
     native = build_launch(config, "cpu", KNOWN, {"amx_bf16"}, 24 * 1024**3)
     assert native.engine_args["kv_cache_memory_bytes"] == expected // 2
+
+
+def test_ray_on_cpu_is_refused_before_vllm_starts_naming_the_setting():
+    """vLLM 0.32's CPU platform runs nothing on Ray; its own errors do not say which setting."""
+    from llmserve.config import EngineConfig
+    from llmserve.engine.vllm_args import build_launch
+
+    ray_dp = EngineConfig(data_parallel_size=2, data_parallel_backend="ray")
+    with pytest.raises(EngineStartError, match=r"engine\.data_parallel_backend: ray is for GPUs"):
+        build_launch(ray_dp, "cpu", KNOWN)
+    ray_pp = EngineConfig(pipeline_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(EngineStartError, match=r"engine\.distributed_executor_backend: ray"):
+        build_launch(ray_pp, "cpu", KNOWN)
+    assert build_launch(ray_dp, "cuda", KNOWN).engine_args["data_parallel_backend"] == "ray"
+    one = EngineConfig(data_parallel_backend="ray")  # one replica: the backend plays no part
+    assert build_launch(one, "cpu", KNOWN).engine_args["data_parallel_size"] == 1

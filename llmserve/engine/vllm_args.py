@@ -127,9 +127,11 @@ def _launch(
     head: bool,
 ) -> EngineLaunch:
     check_options(config.options, known_options)
+    cpu = device == "cpu"
+    if cpu:
+        check_no_ray_on_cpu(config)
     args = _common_args(config)
     args.update(node_args(config, head=head))
-    cpu = device == "cpu"
     args.update(_cpu_args(config, cpu_flags, mem_available) if cpu else _cuda_args(config))
     args.update(config.options)
     if device == "cpu":
@@ -148,6 +150,20 @@ def check_options(options: Mapping[str, Any], known_options: Collection[str]) ->
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise EngineStartError(
                 f"engine.options.{name}: not an option of vLLM's AsyncEngineArgs{suggestion}"
+            )
+
+
+def check_no_ray_on_cpu(config: EngineConfig) -> None:
+    """vLLM's CPU platform runs nothing on Ray (measured with vLLM 0.32: a Ray executor fails
+    with "current platform cpu does not support ray", Ray data parallel with "No  found in Ray
+    cluster"): say so before vLLM starts, naming the setting."""
+    for name in ("data_parallel_backend", "distributed_executor_backend"):
+        if getattr(config, name) == "ray" and (
+            name == "distributed_executor_backend" or config.data_parallel_size > 1
+        ):
+            raise EngineStartError(
+                f"engine.{name}: ray is for GPUs; vLLM's CPU backend does not run on Ray "
+                "(use mp; docs/scaling.md)"
             )
 
 
