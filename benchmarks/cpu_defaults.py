@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -50,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_vllm_bench import VLLM_CLI  # noqa: E402
+from benchmarks.vs_vllm_serve import wait_ready  # noqa: E402
 from tests.support.process import free_port, kill_group  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
@@ -64,21 +64,6 @@ SETUPS: dict[str, list[str]] = {
 COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], key: str | None, timeout: float) -> None:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def bench(port: int, key: str | None, env: dict[str, str], workdir: Path, name: str,
@@ -142,7 +127,7 @@ def run_setup(name: str, args: argparse.Namespace, env: dict[str, str], workdir:
         proc = subprocess.Popen(command, env={**os.environ, **run_env}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        wait_ready(ready, proc, key, 900)
+        wait_ready(ready, key, proc, 900)
         started = time.monotonic() - began
         many = bench(port, key, env, workdir, f"{name}-many", args.num_prompts, args.concurrency)
         one = bench(port, key, env, workdir, f"{name}-one", args.single, 1)

@@ -23,8 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -33,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_vllm_bench import VLLM_CLI  # noqa: E402
+from benchmarks.vs_vllm_serve import wait_ready  # noqa: E402
 from tests.support.process import free_port, kill_group  # noqa: E402
 from tests.support.tiny_lora import build_tiny_lora  # noqa: E402
 
@@ -95,21 +94,6 @@ def llmserve_command(paths: dict[str, str], port: int, workdir: Path) -> tuple[l
     return [sys.executable, "-m", "llmserve", "up", "-c", str(path)], key
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], key: str | None) -> None:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def bench(port: int, key: str | None, args: argparse.Namespace, out: Path) -> dict:
     command = [
         sys.executable, "-m", "llmserve", "bench", "--base-url", f"http://127.0.0.1:{port}",
@@ -138,7 +122,7 @@ def run(server: str, paths: dict[str, str], args: argparse.Namespace, workdir: P
         proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        wait_ready(ready, proc, key)
+        wait_ready(ready, key, proc)
         return bench(port, key, args, workdir / f"{server}.json")
     finally:
         kill_group(proc)

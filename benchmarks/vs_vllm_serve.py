@@ -107,12 +107,14 @@ def run_llmserve(args: argparse.Namespace, workdir: Path) -> dict:
         kill_group(proc)
 
 
-def wait_ready(url: str, key: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+def wait_ready(url: str, key: str | None, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until `url` answers 200 (with `key` as bearer token, if any); raise if `proc` exits."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, headers=headers)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"llmserve exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(request, timeout=2):
                 return

@@ -195,29 +195,28 @@ def _status_counts(
 
 
 def _principals(previous: Scrape, current: Scrape, seconds: float) -> list[Principal]:
-    tokens_before = _by_label(previous, "llmserve_principal_tokens_total", "principal")
-    tokens_now = _by_label(current, "llmserve_principal_tokens_total", "principal")
-    requests_before = _by_label(previous, "llmserve_principal_requests_total", "principal")
-    requests_now = _by_label(current, "llmserve_principal_requests_total", "principal")
-    rows = [
-        Principal(
-            name,
-            counter_delta(tokens_before.get(name, 0.0), tokens_now.get(name, 0.0)) / seconds,
-            counter_delta(requests_before.get(name, 0.0), requests) / seconds,
-        )
-        for name, requests in requests_now.items()
-    ]
-    rows = [r for r in rows if r.tokens_per_second > 0 or r.requests_per_second > 0]
+    rows = [Principal(name, tokens, requests)
+            for name, tokens, requests, _ in _usage(previous, current, seconds, "principal")
+            if tokens > 0 or requests > 0]  # fmt: skip
     return sorted(rows, key=lambda r: (-r.tokens_per_second, -r.requests_per_second, r.name))
 
 
 def _models(previous: Scrape, current: Scrape, seconds: float) -> list[ModelUsage]:
-    tokens_before = _by_label(previous, "llmserve_model_tokens_total", "model")
-    tokens_now = _by_label(current, "llmserve_model_tokens_total", "model")
-    requests_before = _by_label(previous, "llmserve_model_requests_total", "model")
-    requests_now = _by_label(current, "llmserve_model_requests_total", "model")
-    rows = [
-        ModelUsage(
+    rows = [ModelUsage(*row) for row in _usage(previous, current, seconds, "model")]
+    return sorted(rows, key=lambda r: (-r.tokens_per_second, -r.requests_per_second, r.name))
+
+
+def _usage(
+    previous: Scrape, current: Scrape, seconds: float, label: str
+) -> list[tuple[str, float, float, float]]:
+    """Per value of `label` of llmserve_{label}_tokens_total and _requests_total: (name,
+    tokens/s, requests/s, tokens since the server started)."""
+    tokens_before = _by_label(previous, f"llmserve_{label}_tokens_total", label)
+    tokens_now = _by_label(current, f"llmserve_{label}_tokens_total", label)
+    requests_before = _by_label(previous, f"llmserve_{label}_requests_total", label)
+    requests_now = _by_label(current, f"llmserve_{label}_requests_total", label)
+    return [
+        (
             name,
             counter_delta(tokens_before.get(name, 0.0), tokens_now.get(name, 0.0)) / seconds,
             counter_delta(requests_before.get(name, 0.0), requests) / seconds,
@@ -225,7 +224,6 @@ def _models(previous: Scrape, current: Scrape, seconds: float) -> list[ModelUsag
         )
         for name, requests in requests_now.items()
     ]
-    return sorted(rows, key=lambda r: (-r.tokens_per_second, -r.requests_per_second, r.name))
 
 
 @dataclass(frozen=True, slots=True)
