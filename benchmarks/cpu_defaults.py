@@ -21,10 +21,11 @@ first start compiles from scratch and the second finds vLLM's compile cache.
 `--emulate-avx2` runs every server with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`:
 PyTorch's CPU kernels then use AVX2 only, as on a CPU without AVX-512 and native bfloat16
 (a bfloat16 linear layer runs 3.6x slower than float32 there, against 3.5x measured on a real
-AVX2 machine). llmserve's `dtype: auto` reads the same variable. vLLM's own bfloat16 kernels
-do not follow it: on a CPU with AMX, `vllm-default` (bfloat16) dies at start-up under the
-emulation ("BFloat16 Brgemm VNNI format is only supported ... when `amx` is supported"), so
-the bfloat16 side of the comparison needs a real CPU without native bfloat16.
+AVX2 machine). llmserve's `dtype: auto` reads the same variable. A `sitecustomize` on the
+servers' PYTHONPATH also makes PyTorch's feature probes deny AMX and AVX-512 BF16: vLLM asks
+them to choose its own bfloat16 kernels, and its AMX kernels die under the cap ("BFloat16
+Brgemm VNNI format is only supported ... when `amx` is supported"). vLLM's other compiled
+kernels keep AVX-512, so the emulation, if anything, favours `vllm serve`.
 
 For each: seconds from start to ready, then `vllm bench serve` (random 128 in / 64 out) with
 `--concurrency` streams, then with one stream (`--single` prompts). Needs SmolLM2
@@ -64,6 +65,15 @@ SETUPS: dict[str, list[str]] = {
 COMPILE_CACHE = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# Loaded by every Python process of a server under `--emulate-avx2` (PYTHONPATH): PyTorch's
+# CPU feature probes, which vLLM asks before choosing its own kernels, then answer as on a CPU
+# without AMX or AVX-512 BF16.
+HIDE_BF16_SITECUSTOMIZE = """\
+import torch.cpu
+torch.cpu._is_amx_tile_supported = lambda: False
+torch.cpu._is_amx_fp16_supported = lambda: False
+torch.cpu._is_avx512_bf16_supported = lambda: False
+"""
 
 
 def bench(port: int, key: str | None, env: dict[str, str], workdir: Path, name: str,
@@ -137,6 +147,14 @@ def run_setup(name: str, args: argparse.Namespace, env: dict[str, str], workdir:
     return {"start_s": started, "many": many, "one": one, "dtype": dtype}
 
 
+def _hide_bf16(tmp: Path) -> str:
+    """A PYTHONPATH whose sitecustomize hides AMX and AVX-512 BF16 from PyTorch's probes."""
+    site = tmp / "hide-bf16"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_BF16_SITECUSTOMIZE)
+    return os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _logged_dtype(log: Path) -> str:
     text = log.read_text(errors="replace")
     for marker in ("engine dtype on CPU: ", "dtype="):
@@ -162,6 +180,8 @@ def main() -> None:
     if args.cold_compile:
         shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.emulate_avx2:
+            env["PYTHONPATH"] = _hide_bf16(Path(tmp))
         for i, name in enumerate(names):
             workdir = Path(tmp) / f"{i}-{name}"
             workdir.mkdir()

@@ -9,8 +9,9 @@ flags, one after the other in one run (they share the CPU, so never at once).
    requests served and refused, goodput (served with TTFT <= --slo, per second of the run),
    TTFT p50/p99 of the served, and how fast refusals came (p99).
 3. Tiers: llmserve with the shipped tiers (free: priority 0, pro: 10; free's limits lifted so
-   that only admission stands in its way): the TTFT of a trickle of `pro` requests on an idle
-   server, then while `free` floods at `--flood` x capacity.
+   that only admission stands in its way): the TTFT of a trickle of `pro` requests
+   (`--trickle` of them, Poisson at `--trickle-rate` per second) on an idle server, then
+   while `free` floods at `--flood` x capacity.
 
 Needs the SmolLM2 model (`llmserve models prepare`). Every request: a 128-token prompt, 64
 tokens out (ignore_eos), streamed from /v1/completions.
@@ -132,8 +133,8 @@ def _pct(values: list[float], pct: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
 
 
-def llmserve_default_config(workdir: Path, port: int, lift_free: bool,
-                            queue: dict | None = None) -> Path:  # fmt: skip
+def llmserve_default_config(workdir: Path, port: int, lift_free: bool, queue: dict | None = None,
+                            engine_options: dict | None = None) -> Path:  # fmt: skip
     config = yaml.safe_load((ROOT / "llmserve.yaml").read_text())
     server = {"host": "127.0.0.1", "port": port, "public_ready": True}
     config.setdefault("server", {}).update(server)
@@ -145,6 +146,8 @@ def llmserve_default_config(workdir: Path, port: int, lift_free: bool,
     if lift_free:
         config["limits"]["tiers"]["free"] = {"priority": 0}
     config.setdefault("queue", {}).update(queue or {})
+    if engine_options:
+        config["engine"].setdefault("options", {}).update(engine_options)
     path = workdir / "llmserve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -158,10 +161,11 @@ def create_key(config: Path, tier: str) -> str:
     return next(w for w in created.stdout.split() if w.startswith("sk-llms-"))
 
 
-def start_llmserve(workdir: Path, lift_free: bool,
-                   queue: dict | None = None) -> tuple[subprocess.Popen, str, dict]:  # fmt: skip
+def start_llmserve(
+    workdir: Path, lift_free: bool, queue: dict | None = None, engine_options: dict | None = None
+) -> tuple[subprocess.Popen, str, dict]:
     port = free_port()
-    config = llmserve_default_config(workdir, port, lift_free, queue)
+    config = llmserve_default_config(workdir, port, lift_free, queue, engine_options)
     keys = {tier: create_key(config, tier) for tier in ("pro", "free")}
     with open(workdir / "llmserve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "llmserve", "up", "-c", str(config)],
@@ -172,12 +176,13 @@ def start_llmserve(workdir: Path, lift_free: bool,
 
 
 async def tiers_run(url: str, keys: dict, capacity: float, args: argparse.Namespace) -> None:
-    idle = await poisson(url, keys["pro"], 0.5, args.trickle, seed=7, tier="pro")
+    rate = args.trickle_rate
+    idle = await poisson(url, keys["pro"], rate, args.trickle, seed=7, tier="pro")
     idle_row = summary("pro, idle", idle, args.slo)
-    flood_count = int(args.flood * capacity * args.trickle / 0.5)
+    flood_count = int(args.flood * capacity * args.trickle / rate)
     flood, trickle = await asyncio.gather(
         poisson(url, keys["free"], args.flood * capacity, flood_count, seed=8, tier="free"),
-        poisson(url, keys["pro"], 0.5, args.trickle, seed=7, tier="pro"),
+        poisson(url, keys["pro"], rate, args.trickle, seed=7, tier="pro"),
     )
     summary("free, flood", flood, args.slo)
     busy_row = summary("pro, flood", trickle, args.slo)
@@ -190,11 +195,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--factor", type=float, default=2.0, help="arrivals / capacity")
     parser.add_argument("--flood", type=float, default=3.0, help="free's flood / capacity")
-    parser.add_argument("--trickle", type=int, default=15, help="pro requests in the tier run")
+    parser.add_argument("--trickle", type=int, default=60, help="pro requests in the tier run")
+    parser.add_argument("--trickle-rate", type=float, default=1.0, help="pro requests/s")
     parser.add_argument("--slo", type=float, default=10.0, help="goodput: TTFT <= this (s)")
     parser.add_argument("--capacity", type=float, help="requests/s (default: measure it)")
     parser.add_argument("--only", choices=("goodput", "tiers"), help="run one part")
     parser.add_argument("--reserved-share", type=float, help="queue.reserved_share (tiers)")
+    parser.add_argument("--lower-prefills", help="queue.lower_prefills (tiers): N, auto, null")
     args = parser.parse_args()
     if args.only == "tiers":
         if not args.capacity:
@@ -239,6 +246,8 @@ def tiers_only(args: argparse.Namespace) -> None:
 def run_tiers(workdir: Path, capacity: float, args: argparse.Namespace) -> None:
     workdir.mkdir(exist_ok=True)
     queue = {} if args.reserved_share is None else {"reserved_share": args.reserved_share}
+    if args.lower_prefills is not None:
+        queue["lower_prefills"] = yaml.safe_load(args.lower_prefills)
     proc, url, keys = start_llmserve(workdir, lift_free=True, queue=queue)
     try:
         asyncio.run(tiers_run(url, keys, capacity, args))

@@ -846,6 +846,22 @@ class QueueConfig(Section):
         "queue places is kept for the highest-priority tier while it is in use (a request "
         "of it in the last minute): a lower tier flooding the server cannot fill them.",
     )
+    lower_prefills: int | Literal["auto"] | None = Field(
+        "auto",
+        description="With tiers of different priorities, while the highest is in use, at "
+        "most this many requests of lower tiers are in their prefill at once (admitted, "
+        "first token not yet out); the next waits in the queue. auto: 1 where the engine "
+        "runs each prompt whole in one step (vLLM on CPU, no chunked prefill: prompts "
+        "admitted together share the step a top-tier request waits for), no limit elsewhere "
+        "(chunked prefill bounds a step). null: no limit.",
+    )
+
+    @field_validator("lower_prefills")
+    @classmethod
+    def _lower_prefills_positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, auto, or null (no limit)")
+        return value
 
 
 class MetricsConfig(Section):

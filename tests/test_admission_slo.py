@@ -253,3 +253,21 @@ async def test_a_reload_with_more_slots_admits_waiters_at_once() -> None:
     assert waiter.admitted and (queue.max_concurrency, queue.max_depth) == (2, 5)
     holder.release()
     waiter.release()
+
+
+async def test_a_lower_tier_waiter_is_predicted_from_the_lower_tiers_releases_only() -> None:
+    clock = ManualClock()
+    queue = make_queue(clock, max_concurrency=4, max_depth=8, top_priority=10, reserved_slots=1)
+    for _ in range(10):  # over 10 s: the top tier frees 3 slots a second, the lower tiers 1
+        for priority in (10, 10, 10, 0):
+            ticket = queue.enqueue(priority=priority)
+            clock.advance(0.25)
+            ticket.release()
+    busy = [*(queue.enqueue(priority=0) for _ in range(3)), queue.enqueue(priority=10)]
+    assert all(t.admitted for t in busy)
+    # a slot the top tier gives back stays kept for it: a lower newcomer waits for a lower
+    # tier's release (1/s), not for any release (4/s)
+    assert queue.predict(0, 0).wait_seconds == pytest.approx(1.0, rel=0.05)
+    assert queue.predict(10, 0).wait_seconds == pytest.approx(0.25, rel=0.05)
+    for ticket in busy:
+        ticket.release()

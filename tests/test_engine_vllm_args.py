@@ -217,6 +217,17 @@ def test_priority_reaches_vllm_inverted_only_with_priority_scheduling() -> None:
     assert engine._priority(urgent) == {}
 
 
+def test_whole_prompt_steps_on_cpu_and_chunked_prefill_on_gpu() -> None:
+    from llmserve.engine.vllm import VLLMEngine
+
+    engine = VLLMEngine(config())
+    assert not engine.whole_prompt_steps  # not started: nothing known yet
+    engine._launch = build_launch(engine._config, "cpu", KNOWN)
+    assert engine.whole_prompt_steps  # llmserve turns chunked prefill off on CPU
+    engine._launch = build_launch(engine._config, "cuda", KNOWN)
+    assert not engine.whole_prompt_steps  # vLLM's default there: chunked prefill
+
+
 def _model_dir(tmp_path, dtype: str, weight_bytes: int):
     import json
 

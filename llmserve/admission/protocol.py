@@ -56,3 +56,6 @@ class Admission(Protocol):
 
     def reconfigure(self, config: Config) -> None:
         """New queue settings for a running server (slots, depth, waits, reserves)."""
+
+    def engine_started(self, config: Config, *, whole_prompt_steps: bool) -> None:
+        """The engine runs: settle what depends on it (`queue.lower_prefills: auto`)."""

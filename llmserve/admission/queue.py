@@ -18,6 +18,12 @@ Two rules keep the promise under overload:
   (a request of it came within RESERVE_ACTIVE_SECONDS): a flood of a lower tier cannot push
   the top tier's requests behind it, and a server the top tier does not use keeps all its
   capacity for the others.
+- **Keep the top tier's prefill step small.** With `lower_prefills`, at most that many
+  requests below the top priority are in their prefill at once (admitted, first token not
+  yet out) while the top priority is in use. An engine that runs each prompt whole in one
+  step (vLLM on CPU, without chunked prefill) puts every prompt admitted together into one
+  step, and a top-tier request that arrives meanwhile waits for that step, then shares the
+  next: the lower tiers' prefills are spread one step apart instead.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from llmserve.admission.drain import DEFAULT_WINDOW_SECONDS, DrainRate, retry_after_seconds
 from llmserve.admission.errors import (
@@ -75,12 +81,15 @@ class AdmissionQueue:
         top_priority: int = 0,
         reserved_slots: int = 0,
         reserved_places: int = 0,
+        lower_prefills: int | None = None,
     ) -> None:
         """`auto_expire=False` leaves expiry to explicit `expire()` calls (fake-clock tests)."""
         if max_concurrency < 1 or max_depth < 0 or max_wait_seconds <= 0:
             raise ValueError("need max_concurrency >= 1, max_depth >= 0, max_wait_seconds > 0")
         if not 0 <= reserved_slots < max_concurrency or not 0 <= reserved_places <= max_depth:
             raise ValueError("reserved slots and places must leave some for everyone")
+        if lower_prefills is not None and lower_prefills < 1:
+            raise ValueError("lower_prefills must be >= 1 (or None: no limit)")
         self.max_concurrency = max_concurrency
         self.max_depth = max_depth
         self.max_wait_seconds = max_wait_seconds
@@ -89,6 +98,7 @@ class AdmissionQueue:
         self._observer: AdmissionObserver = observer or NullObserver()
         self._fair: FairQueue[Ticket] = FairQueue(weight)
         self._drain = DrainRate(clock(), drain_window_seconds)
+        self._lower_drain = DrainRate(clock(), drain_window_seconds)  # below the top priority
         self._auto_expire = auto_expire
         self._in_flight = 0
         self._queued_tokens = 0
@@ -102,6 +112,10 @@ class AdmissionQueue:
         self.top_priority = top_priority
         self.reserved_slots = reserved_slots
         self.reserved_places = reserved_places
+        self.lower_prefills = lower_prefills
+        self._lower_prefilling = 0  # admitted below the top priority, no first token yet
+        self._top_prefilling = 0  # admitted at the top priority, no first token yet
+        self._whole_prompt_steps = False  # what the engine said (engine_started)
         self._top_seen_at: float | None = None  # the last request of the top priority
         self._busy_since: float | None = None  # when the slots last went from none to some used
 
@@ -116,6 +130,7 @@ class AdmissionQueue:
         self.top_priority = settings["top_priority"]
         self.reserved_slots = settings["reserved_slots"]
         self.reserved_places = settings["reserved_places"]
+        self.lower_prefills = lower_prefills(config, whole_prompt_steps=self._whole_prompt_steps)
         if self._fair:
             self._admit_waiters(self._clock())
 
@@ -124,7 +139,8 @@ class AdmissionQueue:
         """The queue the config describes; `options` are the keyword-only arguments above.
 
         With tiers of different priorities, `queue.reserved_share` of the slots and queue
-        places are kept for the highest."""
+        places are kept for the highest, and `queue.lower_prefills` (an int) limits the lower
+        tiers' prefills; its `auto` waits for `engine_started`."""
         queue = config.queue
         return cls(
             config.max_concurrency,
@@ -133,6 +149,12 @@ class AdmissionQueue:
             queue.max_queued_tokens,
             **{**_settings(config), **options},  # type: ignore[arg-type]
         )
+
+    def engine_started(self, config: Config, *, whole_prompt_steps: bool) -> None:
+        """Settle `queue.lower_prefills: auto` for the engine that runs: 1 when it runs each
+        prompt whole in one step (no chunked prefill), else no limit."""
+        self.lower_prefills = lower_prefills(config, whole_prompt_steps=whole_prompt_steps)
+        self._whole_prompt_steps = whole_prompt_steps
 
     # -- state for metrics, heartbeats and tests ------------------------------------------
 
@@ -160,11 +182,17 @@ class AdmissionQueue:
         """Slot releases per second over the recent window; None before any."""
         return self._drain.per_second(self._clock())
 
-    def expected_drain_rate(self) -> float:
+    def expected_drain_rate(self, priority: int | None = None) -> float:
         """The measured drain rate; before any release, the most it can be given how long the
-        slots have been busy with nothing finished (predict.bound_drain_rate)."""
+        slots have been busy with nothing finished (predict.bound_drain_rate). For a request
+        below the top priority while room is kept for it, only the lower tiers' releases
+        count: a slot the top tier gives back is kept for the top tier."""
         now = self._clock()
-        rate = self._drain.per_second(now)
+        rate = None
+        if priority is not None and priority < self.top_priority and self._reserving():
+            rate = self._lower_drain.per_second(now)
+        if rate is None:
+            rate = self._drain.per_second(now)
         if rate is not None:
             return rate
         busy = 0.0 if self._busy_since is None else now - self._busy_since
@@ -172,14 +200,12 @@ class AdmissionQueue:
 
     def predict(self, priority: int, prompt_tokens: int) -> Prediction:
         """Predicted wait and prefill of a request of `priority` joining now (predict.py)."""
-        if self._in_flight < self._slot_limit(priority) and not self._fair.waiting_at_least(
-            priority
-        ):
+        if self._may_start_now(priority):
             wait = 0.0
         else:
             weights = {p: self._weight(p) for p in {priority, *self._fair.counts()}}
             ahead = requests_ahead(priority, self._fair.counts(), weights)
-            wait = wait_seconds(ahead, self.expected_drain_rate())
+            wait = wait_seconds(ahead, self.expected_drain_rate(priority))
         return Prediction(wait, self._prefill.seconds(prompt_tokens))
 
     def refuse_early(
@@ -229,9 +255,7 @@ class AdmissionQueue:
             self._top_seen_at = now
         ticket = Ticket(self, priority, tokens, deadline, now)
         ticket.prompt_tokens = prompt_tokens
-        if self._in_flight < self._slot_limit(priority) and not self._fair.waiting_at_least(
-            priority
-        ):
+        if self._may_start_now(priority):
             self._admit(ticket, now)  # the fast path: no future, no timer, no yield
             return ticket
         reason = self._refusal(tokens, priority)
@@ -276,14 +300,46 @@ class AdmissionQueue:
         seen = self._top_seen_at
         return seen is not None and self._clock() - seen < RESERVE_ACTIVE_SECONDS
 
+    def _may_start_now(self, priority: int) -> bool:
+        """A request of this priority joining now takes a slot at once: one is free to it,
+        nobody it would pass waits, and (below the top priority) its prefill may start."""
+        return (
+            self._in_flight < self._slot_limit(priority)
+            and not self._fair.waiting_at_least(priority)
+            and (priority >= self.top_priority or self._lower_prefill_may_start())
+        )
+
+    def _lower_prefill_may_start(self) -> bool:
+        limit = self.lower_prefills
+        if limit is None or not self._reserving():
+            return True
+        return self._lower_prefilling < limit and not self._top_prefilling
+
     def _slot_limit(self, priority: int) -> int:
         """Slots a request of this priority may take: all of them for the top priority."""
         if priority >= self.top_priority or not self._reserving():
             return self.max_concurrency
         return self.max_concurrency - self.reserved_slots
 
-    def _observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
-        self._prefill.observe(prompt_tokens, seconds)
+    def _first_token(self, ticket: Ticket) -> None:
+        """The engine produced the ticket's first token: learn the prefill's speed, and let
+        a lower tier's prefill start if this one held it back."""
+        if ticket.admitted_at is None or ticket._state is not TicketState.ADMITTED:
+            return
+        now = self._clock()
+        self._prefill.observe(ticket.prompt_tokens, now - ticket.admitted_at)
+        if self._prefill_done(ticket) and self._fair:
+            self._admit_waiters(now)
+
+    def _prefill_done(self, ticket: Ticket) -> bool:
+        """Count the ticket's prefill as over (first token, or released); True if it was
+        still counted."""
+        counted, ticket.prefilling = ticket.prefilling, None
+        if counted == "lower":
+            self._lower_prefilling -= 1
+        elif counted == "top":
+            self._top_prefilling -= 1
+        return counted is not None
 
     def expire(self, now: float | None = None) -> int:
         """Reject every waiter whose max wait or deadline has come; return how many."""
@@ -351,17 +407,24 @@ class AdmissionQueue:
         if self._in_flight == 0:
             self._busy_since = now
         self._in_flight += 1
+        if ticket.priority < self.top_priority:
+            ticket.prefilling = "lower"
+            self._lower_prefilling += 1
+        else:
+            ticket.prefilling = "top"
+            self._top_prefilling += 1
         waited = now - ticket.enqueued_at
         self._observer.admitted(ticket.priority, waited)
         if ticket.predicted_wait is not None:
             self._observer.predicted(ticket.priority, ticket.predicted_wait, waited)
 
     def _next_waiter(self) -> Ticket | None:
-        """The next waiter allowed a free slot: anyone while unreserved slots are free, else
-        only the top priority."""
+        """The next waiter allowed a free slot: anyone while unreserved slots are free and a
+        lower tier's prefill may start, else only the top priority."""
         if self._in_flight >= self.max_concurrency or not self._fair:
             return None
-        if self._in_flight < self.max_concurrency - self.reserved_slots or not self._reserving():
+        unreserved = self._in_flight < self.max_concurrency - self.reserved_slots
+        if (unreserved or not self._reserving()) and self._lower_prefill_may_start():
             return self._fair.pop()
         if self._fair.waiting_at_least(self.top_priority):
             return self._fair.pop(min_priority=self.top_priority)
@@ -388,9 +451,12 @@ class AdmissionQueue:
             now = self._clock()
             ticket._state = TicketState.RELEASED
             self._in_flight -= 1
+            self._prefill_done(ticket)
             if self._in_flight == 0:
                 self._busy_since = None
             self._drain.record(now)
+            if ticket.priority < self.top_priority:
+                self._lower_drain.record(now)
             self._admit_waiters(now)
             self._observer.released(ticket.priority, now - (ticket.admitted_at or now))
 
@@ -456,7 +522,14 @@ class AdmissionQueue:
             self._timer = None
 
 
-def _settings(config: Config) -> dict[str, int]:
+class _Settings(TypedDict):
+    top_priority: int
+    reserved_slots: int
+    reserved_places: int
+    lower_prefills: int | None
+
+
+def _settings(config: Config) -> _Settings:
     """The room kept for the top priority, from the tiers and queue.reserved_share."""
     priorities = {tier.priority for tier in config.limits.tiers.values()}
     share = config.queue.reserved_share if len(priorities) > 1 else 0.0
@@ -465,7 +538,17 @@ def _settings(config: Config) -> dict[str, int]:
         "top_priority": max(priorities, default=0),
         "reserved_slots": min(slots - 1, int(share * slots)),
         "reserved_places": min(depth, int(share * depth)),
+        "lower_prefills": lower_prefills(config, whole_prompt_steps=False),
     }
+
+
+def lower_prefills(config: Config, *, whole_prompt_steps: bool) -> int | None:
+    """`queue.lower_prefills` resolved: `auto` is 1 for an engine that runs each prompt whole
+    in one step (vLLM on CPU), else no limit (chunked prefill bounds a step's prompt tokens)."""
+    setting = config.queue.lower_prefills
+    if setting == "auto":
+        return 1 if whole_prompt_steps else None
+    return setting
 
 
 def _left_queue() -> InternalError:

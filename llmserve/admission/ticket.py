@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from llmserve.errors import APIError
 
@@ -32,6 +32,7 @@ class Ticket:
         "deadline",
         "enqueued_at",
         "predicted_wait",
+        "prefilling",
         "priority",
         "prompt_tokens",
         "tokens",
@@ -51,6 +52,8 @@ class Ticket:
         self.admitted_at: float | None = None
         self.prompt_tokens = 0  # for the prefill model, once its first token comes
         self.predicted_wait: float | None = None  # what the queue predicted at the door
+        # admitted, first token not yet out: counted as the top priority's or a lower one's
+        self.prefilling: Literal["lower", "top"] | None = None
 
     def __repr__(self) -> str:
         return f"<Ticket {self._state.value} priority={self.priority} tokens={self.tokens}>"
@@ -102,9 +105,9 @@ class Ticket:
 
     def first_token(self) -> None:
         """The engine produced this request's first token: teaches the queue's prefill model
-        (seconds from admission to first token, against the prompt's length)."""
-        if self.admitted_at is not None and self._state is TicketState.ADMITTED:
-            self._queue._observe_prefill(self.prompt_tokens, self._queue.clock() - self.admitted_at)
+        (seconds from admission to first token, against the prompt's length), and ends its
+        prefill for `lower_prefills`."""
+        self._queue._first_token(self)
 
     def release(self) -> None:
         """Give the slot back (or leave the queue). Idempotent; safe in any state."""

@@ -196,6 +196,11 @@ class Engine(Protocol):
     def dead(self) -> BaseException | None:
         """The fatal error once the engine has died for good (the process should exit)."""
 
+    @property
+    def whole_prompt_steps(self) -> bool:
+        """True once started if each prompt's prefill runs whole in one engine step (no
+        chunked prefill): prompts that arrive together share a step, however many."""
+
     async def load_adapter(self, name: str, path: str) -> LoadedAdapter:
         """Load the LoRA adapter at `path` into the engine, not served yet. Raise an `APIError`
         when it cannot be (InvalidRequest: a broken adapter; Conflict: LoRA off, or no room);

@@ -121,6 +121,10 @@ class FakeEngine:
         return self._max_model_len
 
     @property
+    def whole_prompt_steps(self) -> bool:
+        return False  # no steps: each request is timed on its own
+
+    @property
     def dead(self) -> BaseException | None:
         return self._dead
 

@@ -108,6 +108,12 @@ class VLLMEngine:
         """How the engine was started (device, AsyncEngineArgs, environment); None before."""
         return self._launch
 
+    @property
+    def whole_prompt_steps(self) -> bool:
+        """On CPU llmserve turns chunked prefill off (a seeded, chunked prefill crashes it)."""
+        launch = self._launch
+        return launch is not None and launch.engine_args.get("enable_chunked_prefill") is False
+
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -143,5 +143,9 @@ async def _engine_context(app: web.Application) -> AsyncIterator[None]:
 
 async def _start_engine(gateway: Gateway) -> None:
     await gateway.engine.start()
+    if gateway.admission is not None:
+        gateway.admission.engine_started(
+            gateway.config, whole_prompt_steps=gateway.engine.whole_prompt_steps
+        )
     gateway.ready = True
     log.info("engine ready: serving model %r", gateway.engine.model_name)
