@@ -63,6 +63,12 @@ class CorsConfig(Section):
             "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
             "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
             "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+            "x-ratelimit-model_per_key-limit-requests",
+            "x-ratelimit-model_per_key-remaining-requests",
+            "x-ratelimit-model_per_key-reset-requests",
+            "x-ratelimit-model_per_key-limit-tokens",
+            "x-ratelimit-model_per_key-remaining-tokens",
+            "x-ratelimit-model_per_key-reset-tokens",
         ],
         description="Response headers a page may read.",
     )  # fmt: skip

@@ -63,3 +63,18 @@ def test_responses_to_an_allowed_origin_carry_cors_headers_errors_included(serve
                        headers={"Origin": "https://evil.example.test",
                                 "Authorization": f"Bearer {key}"})  # fmt: skip
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_a_page_may_read_every_rate_limit_header_the_server_can_send_by_default():
+    from llmserve.config import CorsConfig
+    from llmserve.limits.headers import rate_limit_headers
+    from llmserve.limits.windows import WindowStatus
+
+    windows = [
+        WindowStatus(name, 100, 1, 99, 30.0, model)
+        for model in (None, "smollm2")
+        for name in ("requests_per_minute", "tokens_per_minute")
+    ]  # fmt: skip
+    sent = set(rate_limit_headers(windows))
+    assert any("model_per_key" in name for name in sent)  # the per-model trios are there
+    assert sent <= {name.lower() for name in CorsConfig().expose_headers}

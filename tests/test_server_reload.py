@@ -205,3 +205,55 @@ def test_a_reload_expands_variables_again_from_the_servers_own_environment(
         refer_to("LLMSERVE_TEST_RPM_A")
         assert reload_cli(server).stdout.startswith("applied")
         assert limit_header(server) == "300"
+
+
+def _es256_key_pair() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, public
+
+
+def test_a_public_key_file_rewritten_in_place_is_read_again_on_reload(tmp_path: Path) -> None:
+    import jwt
+
+    old_private, old_public = _es256_key_pair()
+    new_private, new_public = _es256_key_pair()
+    key_file = tmp_path / "jwt.pub"
+    key_file.write_bytes(old_public)
+    config = base_config(tmp_path, rpm=100)
+    jwt_config = {"algorithms": ["ES256"], "public_key_file": str(key_file)}
+    config["auth"] = {"enabled": True, "keys": str(tmp_path / "keys"), "jwt": jwt_config}
+
+    def status(private: bytes) -> int:
+        token = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, private, "ES256")
+        reply = httpx.post(server.base_url + "/v1/chat/completions", json=chat_body(max_tokens=1),
+                           headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        return reply.status_code
+
+    def sighup() -> str:
+        """The outcome line of one SIGHUP reload, from the server's log."""
+        def outcomes() -> list[str]:
+            return [line for line in server.log().splitlines() if "config reload " in line]
+
+        before = len(outcomes())
+        os.kill(server.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while len(lines := outcomes()) <= before:
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        return lines[-1].split("config reload ", 1)[1]
+
+    with llmserve_up(tmp_path, config) as server:
+        assert (status(old_private), status(new_private)) == (200, 401)
+        assert sighup().startswith("unchanged")
+        key_file.write_bytes(new_public)  # the key rotated, same path, same config file
+        assert sighup().startswith("applied: auth.jwt.public_key_file")
+        assert (status(old_private), status(new_private)) == (401, 200)
+        assert sighup().startswith("unchanged")

@@ -75,6 +75,30 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+# Settings naming a file of keys: a reload reads the file again when its content changed, even
+# at the same path (a key rotated in place), and reports the setting as changed.
+KEY_FILE_SETTINGS = ("auth.jwt.public_key_file", "auth.jwt.jwks_file")
+
+
+def key_file_digests(config: Config) -> dict[str, str | None]:
+    """SHA-256 of each key file the config names (None: unset, missing or unreadable)."""
+    jwt = config.auth.jwt
+    paths = {
+        "auth.jwt.public_key_file": jwt.public_key_file if jwt is not None else None,
+        "auth.jwt.jwks_file": jwt.jwks_file if jwt is not None else None,
+    }
+    return {name: _digest(path) for name, path in paths.items()}
+
+
+def _digest(path: Path | str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 @dataclass
 class Reloader:
     app: web.Application
@@ -83,8 +107,10 @@ class Reloader:
     overrides: Mapping[str, Any] = field(default_factory=dict)  # server.* set on the command line
     sha256: str = ""
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _key_files: dict[str, str | None] = field(default_factory=dict)  # what the live keys came from
 
     def __post_init__(self) -> None:
+        self._key_files = key_file_digests(self.config)
         if self.source is not None and not self.sha256:
             try:
                 self.sha256 = hashlib.sha256(self.source.read_bytes()).hexdigest()
@@ -110,7 +136,9 @@ class Reloader:
         except (OSError, UnicodeDecodeError, ConfigError) as exc:
             return ReloadResult("invalid", f"nothing changed: {exc}", sha256=self.sha256)
         digest = hashlib.sha256(text).hexdigest()
-        changed = changed_settings(self.config, new)
+        key_files = key_file_digests(new)
+        rewritten = {name for name, file in key_files.items() if file != self._key_files.get(name)}
+        changed = sorted(set(changed_settings(self.config, new)) | rewritten)
         if not changed:
             self.sha256 = digest
             return ReloadResult("unchanged", "the file matches the running config", (), digest)
@@ -125,7 +153,7 @@ class Reloader:
             await self._apply(new)
         except ConfigError as exc:
             return ReloadResult("refused", f"nothing changed: {exc}", tuple(changed), self.sha256)
-        self.config, self.sha256 = new, digest
+        self.config, self.sha256, self._key_files = new, digest, key_files
         return ReloadResult("applied", ", ".join(changed), tuple(changed), digest)
 
     def _with_overrides(self, config: Config) -> Config:
