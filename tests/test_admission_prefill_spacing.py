@@ -145,3 +145,36 @@ async def test_the_server_settles_auto_from_the_engine_it_started(app_client, tm
     assert queue.lower_prefills is None
     await app_client(config, WholePromptEngine("fake", 256), admission=queue)
     assert queue.lower_prefills == 1
+
+
+async def test_overlapping_top_tier_prefills_cannot_starve_the_lower_tiers():
+    queue = make_queue(ManualClock())
+    tops = [queue.enqueue(priority=10), queue.enqueue(priority=10)]
+    low = queue.enqueue(priority=0)
+    assert not low.admitted
+    for _ in range(3):  # the top tier keeps one prefill running at all times
+        tops.append(queue.enqueue(priority=10))
+        tops[-3].first_token()
+        if low.admitted:
+            break
+    assert low.admitted  # the first top prefill to end let it start beside the others
+    held = queue.enqueue(priority=0)
+    low.first_token()
+    assert not held.admitted  # one per top prefill that ends, not all of them
+    tops[-2].first_token()
+    assert held.admitted
+    for ticket in (*tops, low, held):
+        ticket.release()
+
+
+async def test_a_lone_top_tier_prefill_ending_gives_no_pass_to_a_later_one():
+    queue = make_queue(ManualClock())
+    first = queue.enqueue(priority=10)
+    first.first_token()  # nothing else was prefilling
+    second = queue.enqueue(priority=10)
+    low = queue.enqueue(priority=0)
+    assert not low.admitted  # the second top prefill holds it back as the first did
+    second.first_token()
+    assert low.admitted
+    for ticket in (first, second, low):
+        ticket.release()

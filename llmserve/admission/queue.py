@@ -20,10 +20,12 @@ Two rules keep the promise under overload:
   capacity for the others.
 - **Keep the top tier's prefill step small.** With `lower_prefills`, at most that many
   requests below the top priority are in their prefill at once (admitted, first token not
-  yet out) while the top priority is in use. An engine that runs each prompt whole in one
-  step (vLLM on CPU, without chunked prefill) puts every prompt admitted together into one
-  step, and a top-tier request that arrives meanwhile waits for that step, then shares the
-  next: the lower tiers' prefills are spread one step apart instead.
+  yet out) while the top priority is in use, and none starts while a top-priority request is
+  in its prefill. An engine that runs each prompt whole in one step (vLLM on CPU, without
+  chunked prefill) puts every prompt admitted together into one step, and a top-tier request
+  that arrives meanwhile waits for that step, then shares the next: the lower tiers'
+  prefills are spread one step apart instead. Top-tier prefills that keep overlapping cannot
+  starve the lower tiers: each one that ends lets one lower prefill start beside the rest.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class AdmissionQueue:
         self.lower_prefills = lower_prefills
         self._lower_prefilling = 0  # admitted below the top priority, no first token yet
         self._top_prefilling = 0  # admitted at the top priority, no first token yet
+        self._lower_passes_top = False  # a lower prefill may start beside top-tier ones
         self._whole_prompt_steps = False  # what the engine said (engine_started)
         self._top_seen_at: float | None = None  # the last request of the top priority
         self._busy_since: float | None = None  # when the slots last went from none to some used
@@ -313,7 +316,9 @@ class AdmissionQueue:
         limit = self.lower_prefills
         if limit is None or not self._reserving():
             return True
-        return self._lower_prefilling < limit and not self._top_prefilling
+        return self._lower_prefilling < limit and (
+            not self._top_prefilling or self._lower_passes_top
+        )
 
     def _slot_limit(self, priority: int) -> int:
         """Slots a request of this priority may take: all of them for the top priority."""
@@ -339,6 +344,10 @@ class AdmissionQueue:
             self._lower_prefilling -= 1
         elif counted == "top":
             self._top_prefilling -= 1
+            # Top-tier prefills that overlap one another would hold the lower tiers back for
+            # as long as they keep coming: each one that ends lets one lower prefill start
+            # beside those still running.
+            self._lower_passes_top = self._top_prefilling > 0
         return counted is not None
 
     def expire(self, now: float | None = None) -> int:
@@ -410,6 +419,7 @@ class AdmissionQueue:
         if ticket.priority < self.top_priority:
             ticket.prefilling = "lower"
             self._lower_prefilling += 1
+            self._lower_passes_top = False
         else:
             ticket.prefilling = "top"
             self._top_prefilling += 1
