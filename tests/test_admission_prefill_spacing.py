@@ -178,3 +178,70 @@ async def test_a_lone_top_tier_prefill_ending_gives_no_pass_to_a_later_one():
     assert low.admitted
     for ticket in (first, second, low):
         ticket.release()
+
+
+async def test_a_prefill_the_engine_will_not_report_ends_when_predicted_and_teaches_nothing():
+    queue = AdmissionQueue(8, 8, 30, top_priority=10, lower_prefills=1)
+    for _ in range(4):  # the prefill model learns: 128-token prompts take 0.05 s
+        ticket = queue.enqueue(priority=10, prompt_tokens=128)
+        queue._prefill.observe(128, 0.05)
+        ticket.release()
+    learned = queue.predict(10, 128).prefill_seconds
+    quiet = queue.enqueue(priority=0, prompt_tokens=128)
+    quiet.first_token_unseen()  # vLLM's non-streaming output: nothing until the end
+    waiting = queue.enqueue(priority=0, prompt_tokens=128)
+    assert quiet.admitted and not waiting.admitted
+    await asyncio.sleep(learned + 0.2)
+    assert waiting.admitted  # the quiet one's prefill was taken as over when predicted
+    assert queue.predict(10, 128).prefill_seconds == pytest.approx(learned)
+    for ticket in (quiet, waiting):
+        ticket.release()
+
+
+async def test_non_streaming_generations_through_vllms_handlers_say_their_first_token_is_unseen():
+    from types import SimpleNamespace
+
+    from llmserve.engine.vllm_frontend import _GATE, GatedEngineClient
+
+    events: list[str] = []
+
+    class Pass:
+        engine_priority = 0
+
+        def on_tokens(self, num_tokens: int) -> None:
+            events.append(f"tokens {num_tokens}")
+
+        def first_token_unseen(self) -> None:
+            events.append("unseen")
+
+        def on_finish(self, finish_reason: str | None) -> None:
+            events.append(f"finish {finish_reason}")
+
+        def on_rejected(self) -> None:
+            events.append("rejected")
+
+        async def close(self) -> None:
+            events.append("closed")
+
+    class Gate:
+        async def enter(self, prompt_tokens: int, max_tokens: int, n: int, priority: int) -> Pass:
+            return Pass()
+
+    class Engine:  # vLLM's AsyncLLM as its handlers use it: one output, at the end
+        async def generate(self, prompt, params, request_id, **kwargs):  # type: ignore[no-untyped-def]
+            events.append("engine")
+            completion = SimpleNamespace(index=0, token_ids=[1, 2, 3], finish_reason="stop")
+            yield SimpleNamespace(outputs=[completion])
+
+    client = GatedEngineClient(Engine(), (), SimpleNamespace(), KeyError)  # type: ignore[arg-type]
+    token = _GATE.set(Gate())  # type: ignore[arg-type]
+    try:
+        for kind in ("FINAL_ONLY", "DELTA"):
+            params = SimpleNamespace(n=1, max_tokens=3, output_kind=SimpleNamespace(name=kind))
+            async for _ in client.generate({"prompt_token_ids": [1, 2]}, params, "r"):
+                pass
+            events.append("-")
+    finally:
+        _GATE.reset(token)
+    assert events == ["unseen", "engine", "tokens 3", "finish stop", "closed", "-",
+                      "engine", "tokens 3", "finish stop", "closed", "-"]  # fmt: skip

@@ -25,6 +25,9 @@ class AdmissionTicket(Protocol):
     def first_token(self) -> None:
         """The engine produced the first token (the queue learns prefill speed from it)."""
 
+    def first_token_unseen(self) -> None:
+        """The first token will not be seen: the prefill counts as over once predicted so."""
+
     def release(self) -> None:
         """Give the slot (or the place) back; idempotent."""
 

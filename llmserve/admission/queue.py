@@ -336,6 +336,16 @@ class AdmissionQueue:
         if self._prefill_done(ticket) and self._fair:
             self._admit_waiters(now)
 
+    def _first_token_unseen(self, ticket: Ticket) -> None:
+        if ticket.prefilling is None:
+            return
+        delay = self._prefill.seconds(ticket.prompt_tokens)
+        asyncio.get_running_loop().call_later(delay, self._prefill_predicted_over, ticket)
+
+    def _prefill_predicted_over(self, ticket: Ticket) -> None:
+        if self._prefill_done(ticket) and self._fair:
+            self._admit_waiters(self._clock())
+
     def _prefill_done(self, ticket: Ticket) -> bool:
         """Count the ticket's prefill as over (first token, or released); True if it was
         still counted."""

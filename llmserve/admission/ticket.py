@@ -109,6 +109,11 @@ class Ticket:
         prefill for `lower_prefills`."""
         self._queue._first_token(self)
 
+    def first_token_unseen(self) -> None:
+        """The engine reports this request's output only at its end: its prefill counts as
+        over for `lower_prefills` after the predicted prefill time, and teaches nothing."""
+        self._queue._first_token_unseen(self)
+
     def release(self) -> None:
         """Give the slot back (or leave the queue). Idempotent; safe in any state."""
         self._queue._release(self)

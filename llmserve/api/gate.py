@@ -158,6 +158,7 @@ class GenerationPass:
     requested_priority: int
     engine_started: bool = False
     finish_reason: str | None = None
+    first_token_seen: bool = True  # False: the engine reports only at the end
     engine_seconds: float = 0.0
     _began: float = field(default=0.0)
     _closed: bool = False
@@ -171,10 +172,16 @@ class GenerationPass:
         return self.gate.engine_priority(self.requested_priority)
 
     def on_tokens(self, num_tokens: int) -> None:
-        if not self.job.completion_tokens and num_tokens and self.job.ticket is not None:
-            self.job.ticket.first_token()
+        ticket = self.job.ticket
+        if not self.job.completion_tokens and num_tokens and ticket and self.first_token_seen:
+            ticket.first_token()
         self.job.completion_tokens += num_tokens
         self.gate.record_tokens(num_tokens)
+
+    def first_token_unseen(self) -> None:
+        self.first_token_seen = False
+        if self.job.ticket is not None:
+            self.job.ticket.first_token_unseen()
 
     def on_finish(self, finish_reason: str | None) -> None:
         if finish_reason is not None:

@@ -103,6 +103,11 @@ class GatePass(Protocol):
     def on_tokens(self, num_tokens: int) -> None:
         """`num_tokens` new output tokens arrived (any choice)."""
 
+    def first_token_unseen(self) -> None:
+        """The engine will report nothing before the generation ends (vLLM's non-streaming
+        output), so its first token cannot be seen: the admission queue assumes the prefill
+        over after its predicted length, and learns nothing from this generation's timing."""
+
     def on_finish(self, finish_reason: str | None) -> None:
         """A choice ended with this reason ("stop", "length", "tool_calls"...)."""
 

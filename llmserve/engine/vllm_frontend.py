@@ -90,6 +90,8 @@ class GatedEngineClient:
                                     requested_priority)  # fmt: skip
             kwargs["priority"] = admitted.engine_priority
             counter = _OutputCounter(sampling_params)
+            if not counter.delta:
+                admitted.first_token_unseen()
             try:
                 stream = self._llm.generate(prompt, sampling_params, request_id, **kwargs)
                 try:
@@ -134,6 +136,11 @@ class _OutputCounter:
         self._delta = kind == "DELTA"
         self._seen: dict[int, int] = {}
         self._finished: set[int] = set()
+
+    @property
+    def delta(self) -> bool:
+        """Outputs come as they are made (DELTA); else only whole (FINAL_ONLY, CUMULATIVE)."""
+        return self._delta
 
     def observe(self, output: Any, admitted: GatePass) -> None:
         for completion in output.outputs:
