@@ -10,7 +10,7 @@ import re
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -58,12 +58,19 @@ def two_replicas(tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]
         yield a, b
 
 
-def access_log(tmp_path: Path) -> dict[str, str]:
+def access_log(tmp_path: Path, expected: Iterable[str] = ()) -> dict[str, str]:
     """request id -> the upstreams nginx tried for it ("A, B" when it retried), from its
-    access log."""
-    lines = (tmp_path / "access.log").read_text().splitlines()
-    found = (re.search(r"upstream=(.+?) id=(\S+)$", line) for line in lines)
-    return {m.group(2): m.group(1) for m in found if m}
+    access log, once it names every `expected` id: nginx logs a request after its response
+    has gone out, so the client may read the response first."""
+    wanted = set(expected)
+    deadline = time.monotonic() + 10
+    while True:
+        lines = (tmp_path / "access.log").read_text().splitlines()
+        found = (re.search(r"upstream=(.+?) id=(\S+)$", line) for line in lines)
+        served = {m.group(2): m.group(1) for m in found if m}
+        if wanted <= served.keys() or time.monotonic() > deadline:
+            return served
+        time.sleep(0.05)
 
 
 def upstream(replica: ServerProcess) -> str:
@@ -112,7 +119,7 @@ async def test_nginx_keeps_a_principal_on_one_replica_and_fails_over_safely(
                     headers = {"Authorization": f"Bearer {key}", "X-Request-Id": f"{key}-{n}"}
                     async with session.get(f"{url}/v1/models", headers=headers) as resp:
                         assert resp.status == 200
-            served = access_log(tmp_path)
+            served = access_log(tmp_path, (f"{key}-{n}" for key in keys for n in range(3)))
             by_key: dict[str, set[str]] = defaultdict(set)
             for request_id, address in served.items():
                 if request_id.startswith("sk-test-"):  # not nginx_running's /health check
@@ -130,7 +137,7 @@ async def test_nginx_keeps_a_principal_on_one_replica_and_fails_over_safely(
                                         headers=headers) as resp:  # fmt: skip
                     assert resp.status == 200, await resp.text()
                     assert (await resp.json())["object"] == "chat.completion"
-            served = access_log(tmp_path)
+            served = access_log(tmp_path, (f"{key}-post" for key in keys))
             tried = [served[f"{key}-post"].split(", ") for key in keys]
             assert {attempts[-1] for attempts in tried} == {upstream(b)}
             # a's principals were tried on a first (refused), then on b: one retry, no more

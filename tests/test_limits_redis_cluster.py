@@ -36,6 +36,7 @@ from tests.support.redis_server import (
     binary_or_skip,
     command,
     create_acl_user,
+    write_replicated,
 )
 from tests.support.redis_workout import NOW, key_store_workout, limiter_workout
 
@@ -294,7 +295,7 @@ async def test_a_master_killed_under_load_fails_over_and_limits_apply_again(
         await before.run(until=time.monotonic() + 0.3)
         assert before.admitted > 0 and before.refused == before.unchecked == 0, before
         # WAIT after a write of ours on the victim: the replica has every charge so far.
-        assert (await admin.call_many([("SET", key, "before"), ("WAIT", 1, 400)]))[1] == 1
+        assert await write_replicated(admin, key, "before")
 
         during = Load(limiter, principal)
         running = asyncio.ensure_future(during.run(until=time.monotonic() + 20))

@@ -32,6 +32,7 @@ from tests.support.redis_server import (
     create_acl_user,
     free_port,
     ok,
+    write_replicated,
 )
 
 pytestmark = pytest.mark.redis
@@ -70,8 +71,7 @@ async def test_the_master_dies_under_load_closed_refuses_then_limits_apply_exact
         # has every charge so far.
         admin = RespClient.from_url(f"redis://127.0.0.1:{old_master}/0")  # may WAIT
         try:
-            written = await admin.call_many([("SET", "llmserve:replicated", 1), ("WAIT", 1, 400)])
-            assert written[1] == 1
+            assert await write_replicated(admin, "llmserve:replicated", "1")
         finally:
             await admin.close()
 

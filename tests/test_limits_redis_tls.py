@@ -14,7 +14,6 @@ import pytest
 
 from llmserve.limits.stores.cluster import ClusterClient
 from llmserve.limits.stores.resp import (
-    RespArg,
     RespClient,
     RespConnectionError,
     RespNotSent,
@@ -28,6 +27,7 @@ from tests.support.redis_server import (
     ServerTls,
     binary_or_skip,
     start_or_skip,
+    write_replicated,
 )
 from tests.support.redis_workout import key_store_workout, limiter_workout
 from tests.support.tls import TestCA
@@ -196,11 +196,7 @@ async def test_sentinels_over_tls_lead_to_the_master_over_tls_through_a_failover
     assert isinstance(client, SentinelClient)
     replica = group.tls_ports[group.servers[1].port]
     try:
-        written: list[tuple[RespArg, ...]] = [
-            ("SET", "llmserve:tls-sentinel", "before"),
-            ("WAIT", 1, 400),
-        ]
-        assert (await client.call_many(written))[1] == 1  # the replica has it too
+        assert await write_replicated(client, "llmserve:tls-sentinel", "before")  # replica too
         assert client.master_address == ("127.0.0.1", group.master_port())  # its TLS port
         group.kill_master()
         deadline = time.monotonic() + 15

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llmserve.limits.stores.resp import INCOMPLETE, RespError, RespParser, encode_command
 
@@ -549,3 +549,18 @@ def documented_acl_rule() -> list[str]:
 def create_acl_user(port: int) -> None:
     """The documented llmserve user on this server (plain TCP, default user, no password)."""
     ok(port, "ACL", "SETUSER", ACL_USER, *documented_acl_rule())
+
+
+class _Calls(Protocol):
+    async def call(self, *args: str | int | bytes) -> object: ...
+
+
+async def write_replicated(client: _Calls, key: str, value: str, attempts: int = 25) -> bool:
+    """SET `key` on the master, then WAIT until a replica has it and every earlier write of
+    this client. A replica still catching up on a loaded machine gets more time: WAITs of
+    400 ms each (within the clients' 0.5 s socket timeout), `attempts` of them at most."""
+    await client.call("SET", key, value)
+    for _ in range(attempts):
+        if await client.call("WAIT", 1, 400) == 1:
+            return True
+    return False
