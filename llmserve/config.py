@@ -857,7 +857,7 @@ class QueueConfig(Section):
         description="With tiers of different priorities, while the highest is in use, at "
         "most this many requests of lower tiers are in their prefill at once (admitted, "
         "first token not yet out), and none starts during a top-tier prefill (docs/admission.md); "
-        "the next waits in the queue. auto: 1 where the engine "
+        "the next waits in the queue. auto: 1 per engine (data-parallel rank) where the engine "
         "runs each prompt whole in one step (vLLM on CPU, no chunked prefill: prompts "
         "admitted together share the step a top-tier request waits for), no limit elsewhere "
         "(chunked prefill bounds a step). null: no limit.",

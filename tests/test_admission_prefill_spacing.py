@@ -109,6 +109,12 @@ def test_auto_spaces_lower_prefills_only_on_an_engine_that_runs_whole_prompts():
     off = two_tier_config(lower_prefills=None)
     queue.engine_started(off, whole_prompt_steps=True)
     assert queue.lower_prefills is None
+    two_engines = Config.model_validate({
+        **two_tier_config().model_dump(exclude={"engine"}),
+        "engine": {"kind": "fake", "max_num_seqs": 8, "data_parallel_size": 2},
+    })  # fmt: skip
+    queue.engine_started(two_engines, whole_prompt_steps=True)
+    assert queue.lower_prefills == 2  # one prefill at a time per engine
 
 
 @pytest.mark.parametrize("value", [0, -1, "some"])

@@ -154,8 +154,8 @@ class AdmissionQueue:
         )
 
     def engine_started(self, config: Config, *, whole_prompt_steps: bool) -> None:
-        """Settle `queue.lower_prefills: auto` for the engine that runs: 1 when it runs each
-        prompt whole in one step (no chunked prefill), else no limit."""
+        """Settle `queue.lower_prefills: auto` for the engine that runs: one per engine when
+        each runs every prompt whole in one step (no chunked prefill), else no limit."""
         self.lower_prefills = lower_prefills(config, whole_prompt_steps=whole_prompt_steps)
         self._whole_prompt_steps = whole_prompt_steps
 
@@ -563,11 +563,12 @@ def _settings(config: Config) -> _Settings:
 
 
 def lower_prefills(config: Config, *, whole_prompt_steps: bool) -> int | None:
-    """`queue.lower_prefills` resolved: `auto` is 1 for an engine that runs each prompt whole
-    in one step (vLLM on CPU), else no limit (chunked prefill bounds a step's prompt tokens)."""
+    """`queue.lower_prefills` resolved: `auto` is one per engine (data-parallel rank) when
+    each runs every prompt whole in one step (vLLM on CPU), else no limit (chunked prefill
+    bounds a step's prompt tokens)."""
     setting = config.queue.lower_prefills
     if setting == "auto":
-        return 1 if whole_prompt_steps else None
+        return config.engine.data_parallel_size if whole_prompt_steps else None
     return setting
 
 
